@@ -1,0 +1,90 @@
+"""Shared fixtures: a small byte-level BPE tokenizer and small random GPT-2 checkpoints in real formats.
+
+Nothing here downloads: the tokenizer is trained on the Python documentation text that ships with CPython
+(pydoc_data), and the weights are random, made by transformers' own GPT2LMHeadModel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+
+# Tests run on the CPU, single-threaded XLA compiles are fine for tiny shapes.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+TINY_VOCAB = 512
+
+
+def corpus_texts() -> list[str]:
+    import pydoc_data.topics
+
+    return list(pydoc_data.topics.topics.values())
+
+
+def train_tokenizer(out_dir: pathlib.Path, vocab_size: int = TINY_VOCAB) -> pathlib.Path:
+    """Trains a GPT-2-style byte-level BPE and writes vocab.json + merges.txt; <|endoftext|> is the last id."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(corpus_texts(), vocab_size=vocab_size - 1, min_frequency=2, show_progress=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_model(str(out_dir))
+    # As in GPT-2's own vocab.json, <|endoftext|> is the last entry.
+    vocab = json.loads((out_dir / "vocab.json").read_text())
+    vocab["<|endoftext|>"] = len(vocab)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def make_hf_checkpoint(
+    out_dir: pathlib.Path,
+    tokenizer_dir: pathlib.Path,
+    *,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_layer: int = 2,
+    n_ctx: int = 128,
+    seed: int = 0,
+) -> pathlib.Path:
+    """A random GPT2LMHeadModel saved by transformers (config.json + model.safetensors) plus tokenizer files."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    cfg = HFConfig(
+        vocab_size=len(vocab),
+        n_positions=n_ctx,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_layer=n_layer,
+        bos_token_id=len(vocab) - 1,
+        eos_token_id=len(vocab) - 1,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg).eval()
+    # Default init leaves biases and LayerNorms at 0/1; randomize them so parity checks every parameter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or "ln_f" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, out_dir / name)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_dir) -> pathlib.Path:
+    """A 2-layer, 64-wide random GPT-2 in the Hugging Face layout."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("tiny-gpt2"), tokenizer_dir)
