@@ -69,7 +69,12 @@ class GPT2Tokenizer:
     @classmethod
     def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> GPT2Tokenizer:
         """From vocab.json + merges.txt (or OpenAI's encoder.json + vocab.bpe: same formats)."""
-        vocab, merges = models.BPE.read_file(str(vocab_path), str(merges_path))
+        try:
+            vocab, merges = models.BPE.read_file(str(vocab_path), str(merges_path))
+        except Exception as e:  # the Rust side raises a bare Exception for missing or malformed files
+            if not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
+                raise FileNotFoundError(f"{vocab_path} or {merges_path}: no such file") from e
+            raise ValueError(f"{vocab_path} + {merges_path}: not a GPT-2 vocab and merges pair ({e})") from e
         # The settings transformers' GPT2TokenizerFast uses; GPT-2 itself has no unk token and no dropout.
         tok = Tokenizer(
             models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)

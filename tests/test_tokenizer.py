@@ -141,6 +141,15 @@ def test_missing_files_name_folder_and_expected_files(tmp_path):
         GPT2Tokenizer.from_dir(tmp_path / "absent")
 
 
+def test_malformed_files(tmp_path):
+    (tmp_path / "vocab.json").write_text("not json")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match="not a GPT-2 vocab and merges pair"):
+        GPT2Tokenizer.from_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        GPT2Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "absent.txt")
+
+
 def test_rejects_non_byte_level_tokenizer_json(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
