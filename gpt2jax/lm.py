@@ -1,0 +1,157 @@
+"""The notebook API: `gpt2jax.load(...)` returns a `LanguageModel` with `generate`, `score` and `tokenizer`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2jax import sampling
+from gpt2jax.checkpoint import load_params
+from gpt2jax.config import GPT2Config
+from gpt2jax.sampler import GenerationResult, Sampler
+from gpt2jax.tokenizer import GPT2Tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def resolve_checkpoint(path_or_name: str | os.PathLike, models_dir: str | os.PathLike | None = None) -> Path:
+    """A folder path as given, else `<models_dir>/<name>` (models_dir: $MODELS_DIR or ./checkpoints)."""
+    path = Path(path_or_name)
+    if path.is_dir():
+        return path
+    root = Path(models_dir or os.environ.get("MODELS_DIR", "checkpoints"))
+    name = str(path_or_name).replace("/", "--")
+    if name not in (".", "..") and (root / name).is_dir():
+        return root / name
+    raise FileNotFoundError(
+        f"no model folder {str(path_or_name)!r} (looked in {root}/); "
+        f"download one with: python3 download_model.py {path_or_name}"
+    )
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Row `index`'s seed of a request seeded with `seed`: distinct streams for n > 1, reproducible."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + index) & 0xFFFFFFFFFFFFFFFF
+
+
+class LanguageModel:
+    """A loaded GPT-2: config, params (a plain pytree on the device), tokenizer and sampler."""
+
+    def __init__(
+        self,
+        config: GPT2Config,
+        params: Any,
+        tokenizer: GPT2Tokenizer,
+        dtype: Any = jnp.float32,
+        name: str = "",
+    ) -> None:
+        if tokenizer.vocab_size > config.n_vocab:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.n_vocab}"
+            )
+        self.config = config
+        self.params = jax.device_put(params)
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.name = name
+        self.sampler = Sampler(config, dtype)
+
+    def generate(
+        self,
+        prompt_or_prompts: str | Sequence[str],
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        n: int = 1,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+    ) -> list[str]:
+        """Completes each prompt `n` times; returns the completion texts (without the prompt).
+
+        The list has one entry per prompt and sample, prompt-major: [p0s0, p0s1, ..., p1s0, ...].
+        Generation ends at end-of-text, after `max_tokens` tokens, or before the first `stop` string.
+        The same `seed` with the same arguments gives the same texts; temperature 0 is greedy.
+        """
+        prompts = [prompt_or_prompts] if isinstance(prompt_or_prompts, str) else list(prompt_or_prompts)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        ids = [self.tokenizer.encode(p) or [self.config.eos_token_id] for p in prompts]
+        rows = [p for p in ids for _ in range(n)]
+        if seed is None:
+            seed = secrets.randbits(63)
+        sp = sampling.make_params(
+            len(rows),
+            self.config.n_vocab,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            seed=[derive_seed(seed, i) for i in range(len(rows))],
+        )
+
+        def should_stop(row: int, tokens: list[int]) -> bool:
+            return bool(stops) and any(s in self._text(tokens) for s in stops)
+
+        result = self.sampler.generate(self.params, rows, max_tokens, sp, should_stop=should_stop)
+        return [cut_at_stop(self._text(t), stops) for t in result.tokens]
+
+    def score(self, text: str) -> list[float | None]:
+        """Log-probability of each token of `text` given the tokens before it; the first entry is None."""
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            return []
+        scores = self.score_ids([ids])[0]
+        return [None] + [float(x) for x in scores.logprob[1:]]
+
+    def score_ids(self, prompts: Sequence[Sequence[int]]) -> list[Any]:
+        """Per-prompt PromptScores (numpy) for token-id prompts, as `echo` with `max_tokens=0` needs."""
+        sp = sampling.make_params(len(prompts), self.config.n_vocab, temperature=0.0)
+        result: GenerationResult = self.sampler.generate(self.params, prompts, 0, sp, score_prompt=True)
+        s = result.prompt_scores
+        return [type(s)(*(np.asarray(a[i, : len(p)]) for a in s)) for i, p in enumerate(prompts)]
+
+    def _text(self, tokens: Sequence[int]) -> str:
+        eos = self.config.eos_token_id
+        if eos in tokens:
+            tokens = tokens[: list(tokens).index(eos)]
+        return self.tokenizer.decode(tokens)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LanguageModel({self.name!r}, n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, "
+            f"n_ctx={c.n_ctx}, n_vocab={c.n_vocab}, dtype={jnp.dtype(self.dtype).name})"
+        )
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def load(
+    path_or_name: str | os.PathLike, dtype: str = "float32", *, allow_pickle: bool = False
+) -> LanguageModel:
+    """Loads a GPT-2 checkpoint folder (Hugging Face or OpenAI layout) or a model name under ./checkpoints.
+
+    dtype: "float32" (default, exact) or "bfloat16" (weights and activations; half the memory traffic).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    folder = resolve_checkpoint(path_or_name)
+    jdtype = DTYPES[dtype]
+    config, params = load_params(folder, dtype=np.float32, allow_pickle=allow_pickle)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jdtype), params)
+    tokenizer = GPT2Tokenizer.from_dir(folder)
+    return LanguageModel(config, params, tokenizer, jdtype, name=folder.name)
