@@ -36,7 +36,7 @@ def hf_model(config: GPT2Config, params: Any):
     sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = params["ln_f"]["g"], params["ln_f"]["b"]
     for i in range(config.n_layer):
         h = params[f"h{i}"]
-        for part, sub in (("ln_1", None), ("ln_2", None)):
+        for part in ("ln_1", "ln_2"):
             sd[f"transformer.h.{i}.{part}.weight"] = h[part]["g"]
             sd[f"transformer.h.{i}.{part}.bias"] = h[part]["b"]
         for block, layer in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
