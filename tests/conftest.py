@@ -53,6 +53,7 @@ def make_hf_checkpoint(
     n_layer: int = 2,
     n_ctx: int = 128,
     seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> pathlib.Path:
     """A random GPT2LMHeadModel saved by transformers (config.json + model.safetensors) plus tokenizer files."""
     import shutil
@@ -70,6 +71,7 @@ def make_hf_checkpoint(
         n_layer=n_layer,
         bos_token_id=len(vocab) - 1,
         eos_token_id=len(vocab) - 1,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg).eval()
