@@ -1,0 +1,121 @@
+"""Chat completions on a plain language model: the transcript template in, `chat.completion` objects out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from gpt2jax.tokenizer import GPT2Tokenizer
+from serving.completions import new_id
+from serving.engine_api import Engine, GenerationRequest, TokenLogprob
+from serving.generation import (
+    ChoiceState,
+    Primed,
+    build_request,
+    check_token_ids,
+    collect,
+    context_error,
+    merge,
+)
+from serving.registry import ServedModel
+from serving.schemas import ChatRequest
+from serving.settings import Settings
+
+
+def prepare(req: ChatRequest, model: ServedModel, engine: Engine, settings: Settings) -> GenerationRequest:
+    """Renders the transcript and builds the engine request; the reply ends at the next turn marker."""
+    text, turn_markers = model.chat_template.render(req.messages)
+    tok = engine.tokenizer
+    ids = tok.encode(text) or [tok.eos_token_id]
+    room = engine.n_ctx - len(ids)
+    max_tokens = req.max_tokens
+    if max_tokens is None:  # OpenAI's default is "as long as it takes": here what fits, up to MAX_TOKENS
+        max_tokens = min(settings.max_tokens, room)
+    if max_tokens < 1 or max_tokens > room:
+        raise context_error(engine.n_ctx, len(ids), max(max_tokens, 1), param="messages")
+    for token, _ in req.sampling.logit_bias:
+        check_token_ids(engine, [token], "logit_bias")
+    stop = tuple(dict.fromkeys((*req.sampling.stop, *turn_markers)))
+    logprobs = req.top_logprobs if req.logprobs else None
+    return build_request(ids, req.sampling, max_tokens=max_tokens, stop=stop, logprobs=logprobs)
+
+
+def logprob_entry(tok: GPT2Tokenizer, t: TokenLogprob) -> dict[str, Any]:
+    def one(token: int, text: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(tok.token_bytes(token))}
+
+    return one(t.token, t.text, t.logprob) | {"top_logprobs": [one(*alt) for alt in t.top]}
+
+
+class ChatShaper:
+    """Shapes the events of one chat request into a `chat.completion` or `chat.completion.chunk`s."""
+
+    def __init__(
+        self,
+        req: ChatRequest,
+        model: str,
+        tok: GPT2Tokenizer,
+        prompt_tokens: int,
+        on_usage: Callable[[dict[str, int]], None] = lambda usage: None,
+    ) -> None:
+        self.req, self.model, self.tok, self.prompt_tokens = req, model, tok, prompt_tokens
+        self.on_usage = on_usage
+        self.id = new_id("chatcmpl")
+        self.created = int(time.time())
+
+    def _head(self, object_: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
+
+    def _usage(self, states: Sequence[ChoiceState]) -> dict[str, int]:
+        completion = sum(s.completion_tokens for s in states)
+        total = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion}
+        total["total_tokens"] = self.prompt_tokens + completion
+        self.on_usage(total)
+        return total
+
+    def _logprobs(self, tokens: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.req.logprobs:
+            return None
+        return {"content": [logprob_entry(self.tok, t) for t in tokens], "refusal": None}
+
+    async def body(self, primed: Sequence[Primed]) -> dict[str, Any]:
+        states = await collect(primed, self.req.sampling.n)
+        choices = [
+            {
+                "index": index,
+                # After "Assistant:" the model writes " Hello": the space belongs to the template.
+                "message": {"role": "assistant", "content": "".join(st.text).lstrip(" "), "refusal": None},
+                "logprobs": self._logprobs(st.tokens),
+                "finish_reason": st.finish_reason,
+            }
+            for index, st in states.items()
+        ]
+        return self._head("chat.completion") | {
+            "choices": choices,
+            "usage": self._usage(list(states.values())),
+        }
+
+    async def chunks(self, primed: Sequence[Primed]) -> AsyncIterator[dict[str, Any]]:
+        include_usage = self.req.sampling.include_usage
+        extra = {"usage": None} if include_usage else {}
+        states: dict[int, ChoiceState] = {}
+
+        def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None):
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return self._head("chat.completion.chunk") | {"choices": [choice]} | extra
+
+        async for _, event in merge(primed):
+            st = states.setdefault(event.index, ChoiceState())
+            if not st.started:
+                st.started = True
+                yield chunk(event.index, {"role": "assistant", "content": ""})
+            text = event.text if "".join(st.text).strip(" ") else event.text.lstrip(" ")
+            st.add(event)
+            if text or (event.tokens and self.req.logprobs):
+                yield chunk(event.index, {"content": text}, self._logprobs(event.tokens))
+            if event.finish_reason is not None:
+                yield chunk(event.index, {}, None, event.finish_reason)
+        total = self._usage(list(states.values()))
+        if include_usage:
+            yield self._head("chat.completion.chunk") | {"choices": [], "usage": total}

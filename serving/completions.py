@@ -1,0 +1,181 @@
+"""Text completions: prompts to engine requests, engine events to OpenAI's `text_completion` objects."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from gpt2jax.tokenizer import GPT2Tokenizer
+from serving.engine_api import Engine, TokenLogprob
+from serving.generation import (
+    ChoiceState,
+    Primed,
+    build_request,
+    check_token_ids,
+    collect,
+    context_error,
+    merge,
+    start_all,
+)
+from serving.schemas import CompletionRequest
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_urlsafe(18)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptJob:
+    ids: tuple[int, ...]
+    text: str  # the prompt as the model sees it (what echo returns)
+
+
+def tokenize_prompts(req: CompletionRequest, engine: Engine, *, truncate: bool) -> list[PromptJob]:
+    """Token ids of each prompt, checked against the vocabulary and the context.
+
+    truncate=True is the original openai-server's behaviour (legacy engines routes): a prompt that does
+    not fit keeps its last n_ctx - max_tokens tokens. Otherwise it is a 400 with OpenAI's message.
+    """
+    tok, n_ctx = engine.tokenizer, engine.n_ctx
+    jobs = []
+    for p in req.prompts:
+        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        check_token_ids(engine, ids, "prompt")
+        ids = ids or [tok.eos_token_id]  # an empty prompt starts a new document
+        if len(ids) + req.max_tokens > n_ctx:
+            keep = n_ctx - req.max_tokens
+            if not truncate or keep < 1:
+                raise context_error(n_ctx, len(ids), req.max_tokens)
+            ids = ids[-keep:]
+        jobs.append(PromptJob(tuple(ids), tok.decode(ids)))
+    return jobs
+
+
+async def start(engine: Engine, req: CompletionRequest, jobs: Sequence[PromptJob]) -> list[Primed]:
+    for token, _ in req.sampling.logit_bias:
+        check_token_ids(engine, [token], "logit_bias")
+    echo_logprobs = req.echo and req.logprobs is not None
+    requests = [
+        build_request(
+            job.ids,
+            req.sampling,
+            max_tokens=req.max_tokens,
+            stop=req.sampling.stop,
+            best_of=req.best_of,
+            logprobs=req.logprobs,
+            echo_logprobs=echo_logprobs,
+        )
+        for job in jobs
+    ]
+    return await start_all(engine, requests)
+
+
+def legacy_logprobs(
+    tok: GPT2Tokenizer, entries: Sequence[TokenLogprob], start: int, before: Sequence[int] = ()
+):
+    """OpenAI's legacy logprobs object; `before` are ids already sent (for the offsets of a stream)."""
+    ids = [*before, *(t.token for t in entries)]
+    offsets = tok.text_offsets(ids, start)[len(before) :]
+    return {
+        "tokens": [t.text for t in entries],
+        "token_logprobs": [t.logprob for t in entries],
+        # The first prompt token has no logprob, hence no alternatives: null as OpenAI has it.
+        "top_logprobs": [None if t.logprob is None else _top_dict(t) for t in entries],
+        "text_offset": offsets,
+    }
+
+
+def _top_dict(t: TokenLogprob) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for _, text, logprob in t.top:  # best first; two ids may show as the same text: keep the better
+        top.setdefault(text, logprob)
+    return top
+
+
+def usage(jobs: Sequence[PromptJob], states: Any) -> dict[str, int]:
+    prompt = sum(len(j.ids) for j in jobs)
+    completion = sum(s.completion_tokens for s in states)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class CompletionShaper:
+    """Shapes the events of one completions request into response bodies or stream chunks."""
+
+    def __init__(
+        self,
+        req: CompletionRequest,
+        model: str,
+        tok: GPT2Tokenizer,
+        jobs: Sequence[PromptJob],
+        on_usage: Callable[[dict[str, int]], None] = lambda usage: None,
+    ) -> None:
+        self.req, self.model, self.tok, self.jobs = req, model, tok, jobs
+        self.on_usage = on_usage  # called once with the usage when the request completes
+        self.id = new_id("cmpl")
+        self.created = int(time.time())
+        self.per_prompt = req.sampling.n
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
+
+    def _job(self, index: int) -> PromptJob:
+        return self.jobs[index // self.per_prompt]
+
+    async def body(self, primed: Sequence[Primed]) -> dict[str, Any]:
+        states = await collect(primed, self.per_prompt)
+        choices = []
+        for index, st in states.items():
+            job = self._job(index)
+            text = "".join(st.text)
+            logprobs = None
+            if self.req.logprobs is not None:
+                entries = [*st.prompt, *st.tokens] if self.req.echo else st.tokens
+                logprobs = legacy_logprobs(self.tok, entries, 0 if self.req.echo else len(job.text))
+            choices.append(
+                {
+                    "text": job.text + text if self.req.echo else text,
+                    "index": index,
+                    "logprobs": logprobs,
+                    "finish_reason": st.finish_reason,
+                }
+            )
+        total = usage(self.jobs, states.values())
+        self.on_usage(total)
+        return self._head() | {"choices": choices, "usage": total}
+
+    async def chunks(self, primed: Sequence[Primed]) -> AsyncIterator[dict[str, Any]]:
+        states: dict[int, ChoiceState] = {}
+        sent_ids: dict[int, list[int]] = {}  # token ids already streamed per choice, for text offsets
+        include_usage = self.req.sampling.include_usage
+        async for i, event in merge(primed):
+            index = i * self.per_prompt + event.index
+            st = states.setdefault(index, ChoiceState())
+            st.add(event)
+            job = self._job(index)
+            text, entries = event.text, list(event.tokens)
+            first = not st.started
+            if first and self.req.echo:
+                text, entries = job.text + text, [*event.prompt, *entries]
+            if not (text or entries or event.finish_reason or first):
+                continue
+            st.started = True
+            logprobs = None
+            if self.req.logprobs is not None:
+                before = sent_ids.setdefault(index, [])
+                start = 0 if self.req.echo else len(job.text)
+                logprobs = legacy_logprobs(self.tok, entries, start, before)
+                before.extend(t.token for t in entries)
+            choice = {
+                "text": text,
+                "index": index,
+                "logprobs": logprobs,
+                "finish_reason": event.finish_reason,
+            }
+            yield self._head() | {"choices": [choice]} | ({"usage": None} if include_usage else {})
+        total = usage(self.jobs, states.values())
+        self.on_usage(total)
+        if include_usage:
+            yield self._head() | {"choices": [], "usage": total}

@@ -1,0 +1,51 @@
+"""Per-app state (settings, models, metrics) and the JSON in/out helpers every route uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from quart import Response, current_app, request
+
+from serving.errors import APIError
+from serving.metrics import Metrics
+from serving.registry import ModelRegistry
+from serving.settings import Settings
+
+EXTENSION = "gpt2jax"
+
+
+@dataclasses.dataclass
+class ServerState:
+    settings: Settings
+    registry: ModelRegistry
+    metrics: Metrics
+    draining: bool = False  # set on SIGTERM: /health then answers 503
+
+
+def state() -> ServerState:
+    return current_app.extensions[EXTENSION]
+
+
+async def json_body() -> dict[str, Any]:
+    """The request body as a JSON object (whatever the Content-Type: old clients send none)."""
+    raw = await request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: werkzeug's 413
+    if not raw.strip():
+        raise APIError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(
+            400,
+            "We could not parse the JSON body of your request. The API expects a JSON object.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    """Pretty-printed JSON, as the original server sent (its URLs were meant to be opened in a browser)."""
+    return Response(json.dumps(payload, indent=2) + "\n", status=status, content_type="application/json")

@@ -1,0 +1,103 @@
+"""Finding the model folders to serve, then loading, starting and warming their engines in turn."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gpt2jax
+from gpt2jax.config import GPT2Config
+from gpt2jax.lm import LanguageModel, resolve_checkpoint
+from serving.chat_template import load_template
+from serving.engine_api import Engine
+from serving.registry import FAILED, READY, WARMING, ModelRegistry, ServedModel
+from serving.settings import Settings
+
+log = logging.getLogger("serving")
+
+EngineBuilder = Callable[[LanguageModel, Settings], Engine]
+
+
+class NoModelError(RuntimeError):
+    """No model to serve; the message says how to get one."""
+
+
+def is_model_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "config.json").is_file() or (path / "hparams.json").is_file())
+
+
+def discover_models(settings: Settings) -> list[Path]:
+    """The folders named by MODELS (names under MODELS_DIR, or paths), else every model under MODELS_DIR."""
+    if settings.models:
+        try:
+            return [resolve_checkpoint(name, settings.models_dir) for name in settings.models]
+        except FileNotFoundError as e:
+            raise NoModelError(str(e)) from None
+    root = Path(settings.models_dir)
+    found = sorted(p for p in root.iterdir() if is_model_dir(p)) if root.is_dir() else []
+    if not found:
+        raise NoModelError(
+            f"no model found under {root}/ (MODELS_DIR). Get one with: python3 download_model.py 117M "
+            "(or point MODELS at a GPT-2 folder)"
+        )
+    return found
+
+
+def registry_for(folders: list[Path], settings: Settings) -> ModelRegistry:
+    """Served models named after their folders, sized from their configs (for the legacy aliases)."""
+    models = [
+        ServedModel(
+            name=folder.name,
+            n_params=GPT2Config.from_dir(folder).num_params(),
+            path=str(folder),
+            chat_template=load_template(folder, settings.chat_template),
+        )
+        for folder in folders
+    ]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise NoModelError(f"two model folders share a name: {names}")
+    return ModelRegistry(models, settings.model_aliases)
+
+
+async def _call(fn: Callable[..., Any], *args: Any, thread: bool = False, **kwargs: Any) -> Any:
+    """Calls a sync or async engine method; slow sync ones (warmup) go to a thread to keep /health up."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args, **kwargs)
+    result = await asyncio.to_thread(fn, *args, **kwargs) if thread else fn(*args, **kwargs)
+    return await result if inspect.isawaitable(result) else result
+
+
+async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBuilder) -> None:
+    """Loads each model, builds and starts its engine, warms it up; raises on the first failure."""
+    for m in registry.models.values():
+        if m.status == READY:  # given with its engine already running (tests, embedding)
+            continue
+        try:
+            log.info("loading %s from %s", m.name, m.path)
+            model = await asyncio.to_thread(gpt2jax.load, m.path, settings.dtype)
+            engine = build(model, settings)
+            await _call(engine.start)  # in the event loop's thread: an engine may start tasks there
+            m.engine, m.status = engine, WARMING
+            log.info("warming up %s", m.name)
+            await _call(engine.warmup, thread=True)
+            m.status = READY
+            log.info("%s is ready (%s)", m.name, model)
+        except Exception as e:
+            m.status, m.error = FAILED, f"{type(e).__name__}: {e}"
+            raise
+
+
+async def stop_all(registry: ModelRegistry, drain: bool = True) -> None:
+    """Stops every started engine (after the server has finished its in-flight requests)."""
+    for m in registry.models.values():
+        stop = getattr(m.engine, "stop", None)
+        if stop is not None:
+            try:
+                await _call(stop, drain=drain, thread=True)  # it may block until its worker ends
+            except Exception:
+                log.exception("stopping the engine of %s", m.name)

@@ -1,0 +1,274 @@
+"""The OpenAPI 3.1 description of every route, built from the same field tables the validation uses.
+
+`python -m serving.openapi [FILE]` writes it as static JSON (docs/openapi.json is made this way);
+the server answers it at GET /openapi.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from quart import Blueprint, Response
+
+import gpt2jax
+from serving.fields import Field
+from serving.routes_tokenize import DETOKENIZE_FIELDS, TOKENIZE_FIELDS
+from serving.schemas import CHAT_FIELDS, COMPLETION_FIELDS
+
+blueprint = Blueprint("openapi", __name__)
+
+_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_LOGPROBS = {
+    "type": ["object", "null"],
+    "description": "Legacy shape; with echo the prompt tokens come first, the first one's logprob null.",
+    "properties": {
+        "tokens": {"type": "array", "items": {"type": "string"}},
+        "token_logprobs": {"type": "array", "items": {"type": ["number", "null"]}},
+        "top_logprobs": {"type": "array", "items": {"type": ["object", "null"]}},
+        "text_offset": {"type": "array", "items": {"type": "integer"}},
+    },
+}
+_USAGE = {
+    "type": "object",
+    "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+}
+
+
+def _obj(**props: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props}
+
+
+_HEAD = {"id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"}}
+_HEAD["model"] = {"type": "string"}
+_FINISH = {"type": ["string", "null"], "enum": ["stop", "length", None]}
+COMPONENTS = {
+    "Error": _ERROR,
+    "Usage": _USAGE,
+    "Completion": _obj(
+        **_HEAD,
+        choices={
+            "type": "array",
+            "items": _obj(
+                text={"type": "string"}, index={"type": "integer"}, logprobs=_LOGPROBS, finish_reason=_FINISH
+            ),
+        },
+        usage={"$ref": "#/components/schemas/Usage"},
+    ),
+    "ChatCompletion": _obj(
+        **_HEAD,
+        choices={
+            "type": "array",
+            "items": _obj(
+                index={"type": "integer"},
+                message=_obj(role={"type": "string"}, content={"type": "string"}),
+                delta=_obj(role={"type": "string"}, content={"type": "string"}),
+                logprobs={
+                    "type": ["object", "null"],
+                    "description": "{content: [{token, logprob, bytes, top_logprobs}]}",
+                },
+                finish_reason=_FINISH,
+            ),
+            "description": "`message` in chat.completion, `delta` in chat.completion.chunk (streaming).",
+        },
+        usage={"$ref": "#/components/schemas/Usage"},
+    ),
+    "Model": _obj(
+        id={"type": "string"},
+        object={"const": "model"},
+        created={"type": "integer"},
+        owned_by={"type": "string"},
+        context_length={"type": ["integer", "null"]},
+        max_model_len={"type": ["integer", "null"]},
+        status={"type": "string", "enum": ["loading", "warming", "ready", "failed"]},
+    ),
+    "Engine": _obj(
+        id={"type": "string"},
+        object={"const": "engine"},
+        owner={"type": "string"},
+        ready={"type": "boolean"},
+        created={"type": "integer"},
+    ),
+    "Health": _obj(status={"type": "string", "enum": ["ok", "loading", "failed", "draining"]}, models=_obj()),
+}
+for _name in ("Model", "Engine"):
+    COMPONENTS[_name + "List"] = _obj(
+        object={"const": "list"}, data={"type": "array", "items": {"$ref": f"#/components/schemas/{_name}"}}
+    )
+
+
+def body_schema(fields: Sequence[Field]) -> dict[str, Any]:
+    """A request body's JSON schema; every field may also be null, meaning "not set"."""
+    props = {}
+    for f in fields:
+        schema = dict(f.schema)
+        props[f.name] = {"anyOf": [schema, {"type": "null"}], "description": f.doc}
+        if f.default not in (None, ()):
+            props[f.name]["default"] = f.default
+    required = [f.name for f in fields if f.required]
+    return {"type": "object", "properties": props, "required": required}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _responses(ok: dict[str, Any], stream: bool = False) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": ok}}
+    if stream:
+        content["text/event-stream"] = {
+            "schema": {"type": "string", "description": "data: {chunk} ... data: [DONE]"}
+        }
+    err = {"content": {"application/json": {"schema": _ref("Error")}}}
+    out: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+    for code, why in (
+        ("400", "invalid request"),
+        ("401", "missing or wrong API key"),
+        ("404", "unknown model or route"),
+        ("413", "body too large"),
+        ("429", "overloaded"),
+        ("503", "model not ready"),
+    ):
+        out[code] = {"description": why} | err
+    return out
+
+
+def _op(summary: str, ok: dict[str, Any], *, fields=None, stream=False, query=False, path_param=None):
+    op: dict[str, Any] = {"summary": summary, "responses": _responses(ok, stream)}
+    params = []
+    if path_param:
+        params.append({"name": path_param, "in": "path", "required": True, "schema": {"type": "string"}})
+    if fields and query:
+        params += [
+            {"name": f.name, "in": "query", "schema": f.schema, "description": f.doc}
+            for f in fields
+            if f.name != "model"
+        ]
+    elif fields:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": body_schema(fields)}},
+        }
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def build_spec() -> dict[str, Any]:
+    legacy_fields = [f for f in COMPLETION_FIELDS if f.name != "model"]
+    eng = "engine_id"
+    paths: dict[str, dict[str, Any]] = {
+        "/v1/completions": {
+            "post": _op("Create a completion", _ref("Completion"), fields=COMPLETION_FIELDS, stream=True)
+        },
+        "/v1/chat/completions": {
+            "post": _op(
+                "Create a chat completion (transcript template)",
+                _ref("ChatCompletion"),
+                fields=CHAT_FIELDS,
+                stream=True,
+            )
+        },
+        "/v1/models": {"get": _op("List the served models", _ref("ModelList"))},
+        "/v1/models/{model_id}": {
+            "get": _op("A served model (by id or alias)", _ref("Model"), path_param="model_id")
+        },
+        "/v1/engines": {"get": _op("List the served models as legacy engines", _ref("EngineList"))},
+        "/v1/engines/{engine_id}": {"get": _op("A legacy engine", _ref("Engine"), path_param=eng)},
+        "/v1/engines/{engine_id}/completions": {
+            "get": _op(
+                "Legacy completion, parameters in the query string",
+                _ref("Completion"),
+                fields=legacy_fields,
+                stream=True,
+                query=True,
+                path_param=eng,
+            ),
+            "post": _op(
+                "Legacy completion; over-long prompts keep their last n_ctx - max_tokens tokens",
+                _ref("Completion"),
+                fields=legacy_fields,
+                stream=True,
+                path_param=eng,
+            ),
+        },
+    }
+    for path in list(paths):  # every /v1 route also answers without the prefix (the legacy CLI's base URL)
+        paths[path[3:]] = {
+            m: op | {"summary": op["summary"] + f" (same as {path})"} for m, op in paths[path].items()
+        }
+    paths["/tokenize"] = {
+        "post": _op(
+            "Tokenize text", _obj(tokens={"type": "array"}, count={"type": "integer"}), fields=TOKENIZE_FIELDS
+        )
+    }
+    paths["/detokenize"] = {
+        "post": _op("Token ids to text", _obj(prompt={"type": "string"}), fields=DETOKENIZE_FIELDS)
+    }
+    paths["/health"] = {
+        "get": {
+            "summary": "200 when every model is loaded and warm, else 503 (no API key needed)",
+            "responses": {
+                "200": {"description": "ready", "content": {"application/json": {"schema": _ref("Health")}}},
+                "503": {"description": "loading, failed or draining"},
+            },
+        }
+    }
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics (text format)",
+            "responses": {"200": {"description": "OK", "content": {"text/plain": {}}}},
+        }
+    }
+    paths["/openapi.json"] = {
+        "get": {"summary": "This document", "responses": {"200": {"description": "OK"}}}
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gpt2jax",
+            "version": gpt2jax.__version__,
+            "description": "GPT-2 behind OpenAI's completions, chat and legacy engines API. When API keys are "
+            "set, every route but /health needs `Authorization: Bearer KEY`. Fields set to null count as unset.",
+        },
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "schemas": COMPONENTS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}, {}],
+    }
+
+
+@blueprint.get("/openapi.json")
+async def openapi() -> Response:
+    return Response(json.dumps(build_spec(), indent=2), content_type="application/json")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    text = json.dumps(build_spec(), indent=2) + "\n"
+    if argv:
+        with open(argv[0], "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

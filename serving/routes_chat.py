@@ -1,0 +1,30 @@
+"""POST /v1/chat/completions: see serving/chat_template.py for how a conversation becomes GPT-2 text."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from quart import Blueprint, Response
+
+from serving.chat import ChatShaper, prepare
+from serving.context import json_body, json_response, state
+from serving.generation import start_all
+from serving.schemas import parse_chat
+from serving.sse import sse_response
+
+blueprint = Blueprint("chat", __name__)
+
+
+@blueprint.post("/v1/chat/completions")
+@blueprint.post("/chat/completions")
+async def chat_completions() -> Response:
+    st = state()
+    req = parse_chat(await json_body(), st.settings)
+    model, engine = st.registry.engine(req.model)
+    request = prepare(req, model, engine, st.settings)
+    count = partial(st.metrics.count_tokens, model.name)
+    shaper = ChatShaper(req, model.name, engine.tokenizer, len(request.prompt), on_usage=count)
+    primed = await start_all(engine, [request])
+    if req.sampling.stream:
+        return sse_response(shaper.chunks(primed))
+    return json_response(await shaper.body(primed))

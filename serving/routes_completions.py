@@ -1,0 +1,39 @@
+"""POST /v1/completions, and the handler the legacy engines routes share with it."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from quart import Blueprint, Response
+
+from serving.completions import CompletionShaper, start, tokenize_prompts
+from serving.context import json_body, json_response, state
+from serving.schemas import parse_completion
+from serving.sse import sse_response
+
+blueprint = Blueprint("completions", __name__)
+
+
+async def complete(body: dict[str, Any], *, truncate: bool) -> Response:
+    """Validates, runs and answers a completions request; `body["model"]` names the model.
+
+    truncate: cut over-long prompts to their last n_ctx - max_tokens tokens (the legacy routes) rather
+    than answering 400.
+    """
+    st = state()
+    req = parse_completion(body, st.settings)
+    model, engine = st.registry.engine(req.model)
+    jobs = tokenize_prompts(req, engine, truncate=truncate)
+    count = partial(st.metrics.count_tokens, model.name)
+    shaper = CompletionShaper(req, model.name, engine.tokenizer, jobs, on_usage=count)
+    primed = await start(engine, req, jobs)
+    if req.sampling.stream:
+        return sse_response(shaper.chunks(primed))
+    return json_response(await shaper.body(primed))
+
+
+@blueprint.post("/v1/completions")
+@blueprint.post("/completions")
+async def completions() -> Response:
+    return await complete(await json_body(), truncate=False)

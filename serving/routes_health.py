@@ -1,0 +1,33 @@
+"""GET /health (503 until every model is loaded and warm, and again while draining) and GET /metrics."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response
+
+from serving.context import json_response, state
+from serving.registry import READY
+
+blueprint = Blueprint("health", __name__)
+
+
+@blueprint.get("/health")
+async def health() -> Response:
+    st = state()
+    models = st.registry.status()
+    if st.draining:
+        status = "draining"
+    elif st.registry.all_ready:
+        status = "ok"
+    elif any(m["status"] == "failed" for m in models.values()):
+        status = "failed"
+    else:
+        status = "loading"
+    return json_response({"status": status, "models": models}, 200 if status == "ok" else 503)
+
+
+@blueprint.get("/metrics")
+async def metrics() -> Response:
+    st = state()
+    for model in st.registry.models.values():
+        st.metrics.ready.labels(model.name).set(1 if model.status == READY else 0)
+    return Response(st.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")

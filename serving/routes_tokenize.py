@@ -1,0 +1,52 @@
+"""POST /tokenize and /detokenize (vLLM's shapes): the model's own tokenizer over HTTP."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response
+
+from serving.context import json_body, json_response, state
+from serving.fields import Field, parse_fields, string
+from serving.generation import check_token_ids
+from serving.schemas import token_ids
+
+blueprint = Blueprint("tokenize", __name__)
+
+_IDS_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+
+TOKENIZE_FIELDS = (
+    string("model", None, "A served model id or alias; default: the first served model."),
+    string("prompt", None, "The text to tokenize.", required=True),
+)
+DETOKENIZE_FIELDS = (
+    string("model", None, "A served model id or alias; default: the first served model."),
+    Field("tokens", _IDS_SCHEMA, token_ids, None, "Token ids to turn back into text.", required=True),
+)
+
+
+def _engine(name: str | None):
+    registry = state().registry
+    return registry.engine(name or registry.first().name)
+
+
+@blueprint.post("/tokenize")
+async def tokenize() -> Response:
+    v = parse_fields(await json_body(), TOKENIZE_FIELDS)
+    model, engine = _engine(v["model"])
+    ids = engine.tokenizer.encode(v["prompt"])
+    return json_response(
+        {
+            "model": model.name,
+            "tokens": ids,
+            "token_strs": [engine.tokenizer.token_str(i) for i in ids],
+            "count": len(ids),
+            "max_model_len": engine.n_ctx,
+        }
+    )
+
+
+@blueprint.post("/detokenize")
+async def detokenize() -> Response:
+    v = parse_fields(await json_body(), DETOKENIZE_FIELDS)
+    model, engine = _engine(v["model"])
+    check_token_ids(engine, v["tokens"], "tokens")
+    return json_response({"model": model.name, "prompt": engine.tokenizer.decode(v["tokens"])})

@@ -1,0 +1,346 @@
+"""Request bodies of /v1/completions and /v1/chat/completions validated into frozen dataclasses.
+
+Checks that need the model (token ids in the vocabulary, the context length) are done by the routes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from serving.errors import invalid
+from serving.fields import (
+    Field,
+    boolean,
+    integer,
+    number,
+    parse_bool,
+    parse_fields,
+    parse_float,
+    parse_int,
+    string,
+    type_name,
+)
+from serving.settings import Settings
+
+MAX_STOPS = 4
+MAX_LOGPROBS = 5
+
+Prompt = str | tuple[int, ...]  # text, or token ids
+
+
+def parse_prompt(value: Any, name: str) -> tuple[Prompt, ...]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not value:
+        what = "an empty array" if value == [] else type_name(value)
+        raise invalid(name, f"{name} must be a string, an array of strings or of token ids, not {what}")
+    if all(isinstance(p, str) for p in value):
+        return tuple(value)
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return (token_ids(value, name),)
+    if all(isinstance(p, list) for p in value):
+        return tuple(token_ids(p, name) for p in value)
+    raise invalid(name, f"{name} must be a string, an array of strings, of token ids or of token-id arrays")
+
+
+def token_ids(ids: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(ids, list):
+        raise invalid(name, f"{name} must be an array of token ids, not {type_name(ids)}")
+    if not ids:
+        raise invalid(name, f"{name} has an empty array of token ids")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise invalid(name, f"{name}: token ids must be integers >= 0, got {t!r}")
+    return tuple(ids)
+
+
+def parse_stop(value: Any, name: str) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid(name, f"{name} must be a string or an array of strings, not {type_name(value)}")
+    if len(stops) > MAX_STOPS:
+        raise invalid(name, f"{name} may hold at most {MAX_STOPS} strings, got {len(stops)}")
+    return tuple(dict.fromkeys(s for s in stops if s))  # empty strings stop nothing; drop duplicates
+
+
+def parse_logit_bias(value: Any, name: str) -> tuple[tuple[int, float], ...]:
+    if not isinstance(value, dict):
+        raise invalid(name, f"{name} must be an object of token id -> bias, not {type_name(value)}")
+    out = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise invalid(name, f"{name}: key {key!r} is not a token id") from None
+        if token < 0:
+            raise invalid(name, f"{name}: token id {token} is negative")
+        out.append((token, parse_float(bias, f"{name}[{key}]", -100, 100)))
+    return tuple(out)
+
+
+def parse_stream_options(value: Any, name: str) -> bool:
+    """Returns include_usage."""
+    if not isinstance(value, dict):
+        raise invalid(name, f"{name} must be an object, not {type_name(value)}")
+    include = value.get("include_usage")
+    return False if include is None else parse_bool(include, f"{name}.include_usage")
+
+
+def parse_seed(value: Any, name: str) -> int:
+    return parse_int(value, name, -(1 << 63), (1 << 64) - 1)
+
+
+_PROMPT_SCHEMA = {
+    "oneOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+    ]
+}
+_STOP_SCHEMA = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]}
+_BIAS_SCHEMA = {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
+_STREAM_OPTIONS_SCHEMA = {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}
+
+# Fields both endpoints share, with OpenAI's defaults and ranges.
+SAMPLING_FIELDS = (
+    number("temperature", 1.0, "Sampling temperature; 0 is greedy.", 0, 2),
+    number("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.", 0, 1),
+    integer("top_k", 0, "Keep only the k most likely tokens (0: off). Not in OpenAI's API.", 0),
+    integer("n", 1, "Choices to return for each prompt (at most MAX_N).", 1),
+    Field("stop", _STOP_SCHEMA, parse_stop, (), "Up to 4 strings; generation ends before any of them."),
+    number("presence_penalty", 0.0, "Subtracted from the logit of every token generated so far.", -2, 2),
+    number("frequency_penalty", 0.0, "Subtracted once per earlier occurrence of a token.", -2, 2),
+    Field(
+        "logit_bias", _BIAS_SCHEMA, parse_logit_bias, (), "Token id (string key) -> bias added to its logit."
+    ),
+    Field("seed", {"type": "integer"}, parse_seed, None, "Same seed and settings give the same output."),
+    string("user", None, "An end-user id; accepted and ignored."),
+    boolean("stream", False, "Stream the output as server-sent events."),
+    Field(
+        "stream_options",
+        _STREAM_OPTIONS_SCHEMA,
+        parse_stream_options,
+        False,
+        "With stream: {include_usage: true} adds a last chunk with the usage and no choices.",
+    ),
+)
+
+COMPLETION_FIELDS = (
+    string("model", None, "A served model id or alias (see /v1/models). Required.", required=True),
+    Field("prompt", _PROMPT_SCHEMA, parse_prompt, ("<|endoftext|>",), "Prompt(s): text or token ids."),
+    integer("max_tokens", 16, "Tokens to generate per choice (at most MAX_TOKENS); 0 with echo scores.", 0),
+    *SAMPLING_FIELDS,
+    integer("best_of", None, "Generate this many per prompt and return the n with the best mean logprob.", 1),
+    boolean("echo", False, "Return the prompt before the completion (and its logprobs with logprobs)."),
+    integer("logprobs", None, "Return the logprobs of the chosen tokens and this many alternatives.", 0, 5),
+    string("suffix", None, "Not supported: GPT-2 cannot insert text; any non-empty value is a 400."),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Settings of the sampler common to both endpoints."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    user: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompts: tuple[Prompt, ...]
+    max_tokens: int
+    sampling: Sampling
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+
+
+def sampling_from(values: dict[str, Any], settings: Settings) -> Sampling:
+    """Builds Sampling from parsed SAMPLING_FIELDS values, checking the server's limits."""
+    if values["n"] > settings.max_n:
+        raise invalid("n", f"n is {values['n']}, but this server allows at most {settings.max_n} (MAX_N)")
+    if values["stream_options"] and not values["stream"]:
+        raise invalid("stream_options", "stream_options is only allowed when stream is true")
+    names = [f.name for f in dataclasses.fields(Sampling) if f.name != "include_usage"]
+    return Sampling(**{k: values[k] for k in names}, include_usage=values["stream_options"])
+
+
+def check_max_tokens(max_tokens: int, settings: Settings, param: str = "max_tokens") -> None:
+    if max_tokens > settings.max_tokens:
+        raise invalid(
+            param,
+            f"{param} is {max_tokens}, but this server allows at most {settings.max_tokens} (MAX_TOKENS)",
+        )
+
+
+def parse_completion(body: Mapping[str, Any], settings: Settings) -> CompletionRequest:
+    """Validates a completions body (a JSON object, or a coerced query string)."""
+    v = parse_fields(body, COMPLETION_FIELDS)
+    if v["suffix"]:
+        raise invalid("suffix", "suffix is not supported: GPT-2 can only continue text, not insert it")
+    sampling = sampling_from(v, settings)
+    check_max_tokens(v["max_tokens"], settings)
+    if len(v["prompt"]) > settings.max_prompts:
+        raise invalid("prompt", f"at most {settings.max_prompts} prompts per request (MAX_PROMPTS)")
+    best_of = v["best_of"]
+    if best_of is not None:
+        if best_of < sampling.n:
+            raise invalid("best_of", f"best_of ({best_of}) must be greater than or equal to n ({sampling.n})")
+        if best_of > settings.max_n:
+            raise invalid("best_of", f"best_of is {best_of}, but this server allows at most {settings.max_n}")
+        if sampling.stream and best_of > 1:
+            raise invalid(
+                "best_of", "best_of cannot be used with stream: the best choices are known at the end"
+            )
+    return CompletionRequest(
+        model=v["model"],
+        prompts=v["prompt"],
+        max_tokens=v["max_tokens"],
+        sampling=sampling,
+        best_of=best_of,
+        echo=v["echo"],
+        logprobs=v["logprobs"],
+    )
+
+
+# ---- chat ----
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    name: str | None = None
+
+
+def parse_messages(value: Any, name: str) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise invalid(name, f"{name} must be a non-empty array of messages")
+    return tuple(_message(m, f"{name}[{i}]") for i, m in enumerate(value))
+
+
+def _message(m: Any, where: str) -> Message:
+    if not isinstance(m, dict):
+        raise invalid(where, f"{where} must be an object, not {type_name(m)}")
+    role = m.get("role")
+    if role not in CHAT_ROLES:
+        raise invalid(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+    content = m.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):  # content parts: only text ones
+        texts = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise invalid(f"{where}.content[{j}]", "only text content parts are supported by GPT-2")
+            texts.append(part["text"])
+        content = "".join(texts)
+    elif not isinstance(content, str):
+        raise invalid(f"{where}.content", f"{where}.content must be a string or an array of text parts")
+    who = m.get("name")
+    if who is not None and not isinstance(who, str):
+        raise invalid(f"{where}.name", f"{where}.name must be a string")
+    return Message(role, content, who)
+
+
+def _unsupported(value: Any, name: str) -> Any:
+    if value not in ([], {}, "none", "auto"):
+        raise invalid(name, f"{name} is not supported: GPT-2 cannot call tools or functions")
+    return None
+
+
+def _response_format(value: Any, name: str) -> Any:
+    if not isinstance(value, dict) or value.get("type") != "text":
+        raise invalid(name, f'{name}: only {{"type": "text"}} is supported by GPT-2')
+    return value
+
+
+_MESSAGES_SCHEMA = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string", "enum": list(CHAT_ROLES)},
+            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+            "name": {"type": "string"},
+        },
+    },
+}
+_ANY = {"type": "object"}
+
+CHAT_FIELDS = (
+    string("model", None, "A served model id or alias (see /v1/models). Required.", required=True),
+    Field("messages", _MESSAGES_SCHEMA, parse_messages, None, "The conversation so far.", required=True),
+    integer(
+        "max_tokens",
+        None,
+        "Tokens to generate (at most MAX_TOKENS; default: MAX_TOKENS or the rest of the context).",
+        1,
+    ),
+    integer("max_completion_tokens", None, "The same as max_tokens (OpenAI's newer name); wins if both.", 1),
+    *SAMPLING_FIELDS,
+    boolean("logprobs", False, "Return the logprobs of the chosen tokens."),
+    integer("top_logprobs", None, "With logprobs: this many alternatives per token (0..5).", 0),
+    Field("tools", _ANY, _unsupported, None, "Not supported (a non-empty value is a 400)."),
+    Field("functions", _ANY, _unsupported, None, "Not supported (a non-empty value is a 400)."),
+    Field("response_format", _ANY, _response_format, None, 'Only {"type": "text"}.'),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: tuple[Message, ...]
+    max_tokens: int | None  # None: as much as MAX_TOKENS and the context allow
+    sampling: Sampling
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+def parse_chat(body: Mapping[str, Any], settings: Settings) -> ChatRequest:
+    """Validates a chat completions body."""
+    v = parse_fields(body, CHAT_FIELDS)
+    sampling = sampling_from(v, settings)
+    param = "max_completion_tokens" if v["max_completion_tokens"] is not None else "max_tokens"
+    max_tokens = v[param]
+    if max_tokens is not None:
+        check_max_tokens(max_tokens, settings, param)
+    top = v["top_logprobs"]
+    if top is not None:
+        if not v["logprobs"]:
+            raise invalid("top_logprobs", "top_logprobs requires logprobs to be true")
+        if top > MAX_LOGPROBS:
+            raise invalid(
+                "top_logprobs", f"top_logprobs is {top}, but this server returns at most {MAX_LOGPROBS}"
+            )
+    return ChatRequest(
+        model=v["model"],
+        messages=v["messages"],
+        max_tokens=max_tokens,
+        sampling=sampling,
+        logprobs=v["logprobs"],
+        top_logprobs=top or 0,
+    )

@@ -1,0 +1,35 @@
+"""Running the app under Hypercorn until a shutdown trigger fires, then draining in-flight requests."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from quart import Quart
+
+from serving.settings import Settings
+
+
+def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> Config:
+    """Binds HOST:PORT, or an already bound socket (tests bind port 0 and read the port back)."""
+    config = Config()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    # Hypercorn takes ownership of an fd:// socket, so it gets a duplicate and the caller keeps its own.
+    config.bind = [f"fd://{sock.dup().detach()}"] if sock is not None else [f"{host}:{settings.port}"]
+    config.graceful_timeout = settings.graceful_timeout  # in-flight requests get this long after SIGTERM
+    config.accesslog = None  # the app logs requests itself, without query strings or headers
+    config.errorlog = "-"
+    config.keep_alive_timeout = 5
+    return config
+
+
+async def run_server(
+    app: Quart,
+    settings: Settings,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    sock: socket.socket | None = None,
+) -> None:
+    """Serves until `shutdown_trigger` returns; then stops accepting and waits for in-flight requests."""
+    await serve(app, hypercorn_config(settings, sock), shutdown_trigger=shutdown_trigger)
