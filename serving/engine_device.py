@@ -1,0 +1,330 @@
+"""Device side of the batching engine: the slot state and the jitted programs that move it.
+
+A request goes prefill (one prompt, right-padded to a length bucket) -> insert (its KV written into one
+decode slot, the slot index traced, its first token sampled with the slot's own settings) -> decode (a
+chunk of `lax.scan` steps for every slot at once, the state donated so the KV cache is updated in place).
+
+The slot axis is sharded over all local devices (`PartitionSpec("data")`), weights are replicated. Insert
+and decode are `shard_map`ped: each device updates and decodes only its own slots, so no step needs a
+cross-device collective (on the CPU with forced host devices a collective on a starved thread pool can
+deadlock). Prefill is small (one prompt) and runs replicated on every device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gpt2jax import sampling
+from gpt2jax.config import GPT2Config
+from gpt2jax.model import KVCache, forward, init_cache
+from gpt2jax.sampler import PromptScores, _prompt_scores
+
+AXIS = "data"
+
+
+class SlotState(NamedTuple):
+    """Everything the decode loop carries per slot, each with a leading slot dim S."""
+
+    cache: KVCache  # per layer (k, v) [S, n_head, n_ctx, head_dim]
+    token: jax.Array  # [S] i32, the last sampled token: the next step's input
+    position: jax.Array  # [S] i32, where `token` sits in the sequence
+    counts: jax.Array  # [S, V] i32, how often each token was generated (for penalties)
+    step: jax.Array  # [S] i32, tokens generated so far (also indexes the row's random stream)
+    max_tokens: jax.Array  # [S] i32
+    eos: jax.Array  # [S] i32, the token that ends the row; -1 for none
+    want_top: jax.Array  # [S] bool, the row asked for top logprobs
+    done: jax.Array  # [S] bool, finished (end-of-text, max_tokens, or released by the host)
+    params: sampling.SamplingParams  # [S] rows
+
+
+class SlotRow(NamedTuple):
+    """What insert writes into a slot besides the KV: one request choice's settings (scalars, 1-row params)."""
+
+    length: np.ndarray  # [] i32, prompt length
+    max_tokens: np.ndarray  # [] i32, >= 1
+    eos: np.ndarray  # [] i32, -1 for none
+    want_top: np.ndarray  # [] bool
+    params: sampling.SamplingParams  # one row each
+
+
+class Prefilled(NamedTuple):
+    cache: KVCache  # per layer (k, v) [1, n_head, P, head_dim]
+    logits: jax.Array  # [V] f32 at the last prompt token
+    scores: PromptScores | None  # [1, P] prompt logprobs when asked for
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
+    """Turns on JAX's persistent compilation cache so a restarted server skips most compiling.
+
+    path: default $JAX_CACHE_DIR, else ~/.cache/gpt2jax/jax. Returns the folder used.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    folder = os.fspath(path or os.environ.get("JAX_CACHE_DIR") or "~/.cache/gpt2jax/jax")
+    folder = os.path.expanduser(folder)
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    # JAX's default skips programs that compiled in under a second; the decode step of a small model is
+    # one of those, and a restart should still find it.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()  # re-read the settings even if something was compiled already
+    return folder
+
+
+def make_row(
+    length: int,
+    max_tokens: int,
+    eos: int,
+    want_top: bool,
+    n_vocab: int,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    presence_penalty: float,
+    frequency_penalty: float,
+    logit_bias: dict[int, float] | None,
+    seed: int,
+) -> SlotRow:
+    """Host-side builder of one slot's settings."""
+    sp = sampling.make_params(
+        1,
+        n_vocab,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=[logit_bias],
+        seed=seed,
+    )
+    return SlotRow(np.int32(length), np.int32(max_tokens), np.int32(eos), np.bool_(want_top), sp)
+
+
+def _advance(state: SlotState, out: sampling.SampleOutput, n_ctx: int) -> SlotState:
+    """Records sampled tokens: each becomes its row's next input; rows may now be done (cf. Sampler)."""
+    rows = state.token.shape[0]
+    live = ~state.done
+    counts = state.counts.at[jnp.arange(rows), out.token].add(live.astype(jnp.int32))
+    step = state.step + live
+    done = state.done | (out.token == state.eos) | (step >= state.max_tokens)
+    position = jnp.where(live, jnp.minimum(state.position + 1, n_ctx - 1), state.position)
+    token = jnp.where(live, out.token, state.token)
+    return state._replace(token=token, position=position, counts=counts, step=step, done=done)
+
+
+def _live_params(sp: sampling.SamplingParams, done: jax.Array) -> sampling.SamplingParams:
+    """Finished rows made greedy and unfiltered, so they never force the costlier sampling branches."""
+    return sp._replace(
+        temperature=jnp.where(done, 0.0, sp.temperature),
+        top_k=jnp.where(done, 0, sp.top_k),
+        top_p=jnp.where(done, 1.0, sp.top_p),
+    )
+
+
+def _put_row(dst: jax.Array, src: jax.Array, at: jax.Array, mine: jax.Array) -> jax.Array:
+    """Writes src [1, ...] at row `at` of dst [S, ...] (from index 0 of the other axes) if `mine`."""
+    start = (at,) + (0,) * (dst.ndim - 1)
+    old = jax.lax.dynamic_slice(dst, start, src.shape)
+    return jax.lax.dynamic_update_slice(dst, jnp.where(mine, src.astype(dst.dtype), old), start)
+
+
+class SlotPrograms:
+    """Owns the mesh, the replicated weights and the compiled prefill / insert / decode of one model."""
+
+    def __init__(
+        self,
+        config: GPT2Config,
+        params: Any,
+        dtype: Any,
+        slots: int,
+        chunk_size: int,
+        devices: Sequence[jax.Device] | None = None,
+    ) -> None:
+        devices = list(devices if devices is not None else jax.local_devices())
+        if slots % len(devices):
+            raise ValueError(f"slots ({slots}) must be a multiple of the device count ({len(devices)})")
+        self.config, self.dtype, self.slots, self.chunk_size = config, dtype, slots, chunk_size
+        self.mesh = Mesh(np.array(devices), (AXIS,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.by_slot = NamedSharding(self.mesh, P(AXIS))
+        self.params = jax.device_put(params, self.replicated)
+        rep, rows, steps = self.replicated, self.by_slot, NamedSharding(self.mesh, P(None, AXIS))
+
+        self._init = jax.jit(self._init_impl, out_shardings=rows)
+        self._prefill = {
+            score: jax.jit(
+                lambda p, t, n, score=score: self._prefill_impl(p, t, n, score),
+                in_shardings=(rep, rep, rep),
+                out_shardings=rep,
+            )
+            for score in (False, True)
+        }
+        self._first = jax.jit(self._first_impl, in_shardings=(rep, rep), out_shardings=rep)
+        insert = jax.shard_map(
+            self._insert_local, mesh=self.mesh, in_specs=(P(AXIS), P(), P(), P()), out_specs=P(AXIS)
+        )
+        self._insert = jax.jit(
+            insert, in_shardings=(rows, rep, rep, rep), out_shardings=rows, donate_argnums=0
+        )
+        decode = jax.shard_map(
+            self._decode_local,
+            mesh=self.mesh,
+            in_specs=(P(), P(AXIS), P(AXIS)),
+            out_specs=(P(AXIS), P(None, AXIS)),
+            check_vma=False,  # sampling's lax.conds mix per-device and constant values
+        )
+        self._decode = jax.jit(
+            decode, in_shardings=(rep, rows, rows), out_shardings=(rows, steps), donate_argnums=1
+        )
+
+    # ---- jitted bodies ----
+
+    def _init_impl(self) -> SlotState:
+        S, V = self.slots, self.config.n_vocab
+        zeros = lambda dtype: jnp.zeros((S,), dtype)
+        sp = sampling.SamplingParams(
+            temperature=zeros(jnp.float32),
+            top_k=zeros(jnp.int32),
+            top_p=jnp.ones((S,), jnp.float32),
+            presence_penalty=zeros(jnp.float32),
+            frequency_penalty=zeros(jnp.float32),
+            logit_bias=jnp.zeros((S, V), jnp.float32),
+            rng=jnp.zeros((S, 2), jnp.uint32),
+        )
+        cache = init_cache(self.config, S, self.config.n_ctx, self.dtype)
+        return SlotState(
+            cache=cache,
+            token=zeros(jnp.int32),
+            position=zeros(jnp.int32),
+            counts=jnp.zeros((S, V), jnp.int32),
+            step=zeros(jnp.int32),
+            max_tokens=zeros(jnp.int32),
+            eos=jnp.full((S,), -1, jnp.int32),
+            want_top=zeros(jnp.bool_),
+            done=jnp.ones((S,), jnp.bool_),
+            params=sp,
+        )
+
+    def _prefill_impl(self, params: Any, tokens: jax.Array, length: jax.Array, score: bool) -> Prefilled:
+        P_ = tokens.shape[1]
+        positions = jnp.arange(P_, dtype=jnp.int32)[None]  # (1, P)
+        cache = init_cache(self.config, 1, P_, self.dtype)
+        logits, cache = forward(params, self.config, tokens, positions, cache, self.dtype)  # (1, P, V)
+        last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)  # (V,)
+        return Prefilled(cache, last, _prompt_scores(logits, tokens) if score else None)
+
+    def _first_impl(self, logits: jax.Array, row: SlotRow) -> tuple[SlotState, sampling.SampleOutput]:
+        """A slot's first token, sampled exactly as the notebook Sampler samples after its prefill.
+
+        Returns the slot's row of state (without KV) and the sample. Kept out of insert so that the
+        sampling code compiles once rather than once per prefill bucket.
+        """
+        one = lambda x, dtype: jnp.full((1,), x, dtype)
+        row_state = SlotState(
+            cache=(),
+            token=one(0, jnp.int32),
+            position=one(row.length - 1, jnp.int32),
+            counts=jnp.zeros((1, self.config.n_vocab), jnp.int32),
+            step=one(0, jnp.int32),
+            max_tokens=one(row.max_tokens, jnp.int32),
+            eos=one(row.eos, jnp.int32),
+            want_top=one(row.want_top, jnp.bool_),
+            done=one(row.max_tokens <= 0, jnp.bool_),
+            params=row.params,
+        )
+        out = sampling.sample(logits[None], row_state.counts, row_state.step, row.params, row.want_top)
+        return _advance(row_state, out, self.config.n_ctx), out
+
+    def _insert_local(self, state: SlotState, kv: KVCache, row: SlotState, slot: jax.Array) -> SlotState:
+        """Runs on each device with its own slots; only the device holding `slot` changes anything."""
+        local_slots = state.token.shape[0]
+        local = slot - jax.lax.axis_index(AXIS) * local_slots
+        mine = (local >= 0) & (local < local_slots)
+        at = jnp.clip(local, 0, local_slots - 1)
+        cache = tuple(
+            (_put_row(k, pk, at, mine), _put_row(v, pv, at, mine))
+            for (k, v), (pk, pv) in zip(state.cache, kv, strict=True)
+        )
+        rest = jax.tree.map(lambda d, s: _put_row(d, s, at, mine), state._replace(cache=()), row)
+        return rest._replace(cache=cache)
+
+    def _decode_local(
+        self, params: Any, state: SlotState, active: jax.Array
+    ) -> tuple[SlotState, sampling.SampleOutput]:
+        """`chunk_size` steps for this device's slots; per-step outputs [chunk, S_local], token -1 when done."""
+        state = state._replace(done=state.done | ~active)
+
+        def one_step(state: SlotState, _):
+            logits, cache = forward(
+                params, self.config, state.token[:, None], state.position[:, None], state.cache, self.dtype
+            )
+            want_top = jnp.any(state.want_top & ~state.done)  # this device's rows only: no collective
+            sp = _live_params(state.params, state.done)
+            out = sampling.sample(logits[:, 0], state.counts, state.step, sp, want_top)
+            emitted = out._replace(token=jnp.where(state.done, -1, out.token))
+            return _advance(state._replace(cache=cache), out, self.config.n_ctx), emitted
+
+        return jax.lax.scan(one_step, state, None, length=self.chunk_size)
+
+    # ---- host side ----
+
+    def init_state(self) -> SlotState:
+        """A fresh state: every slot empty (done)."""
+        return self._init()
+
+    def prefill(self, prompt: Sequence[int], bucket: int, score: bool) -> Prefilled:
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, : len(prompt)] = prompt
+        tokens, length = jax.device_put((tokens, np.int32(len(prompt))), self.replicated)
+        return self._prefill[score](self.params, tokens, length)
+
+    def insert(
+        self, state: SlotState, pre: Prefilled, slot: int, row: SlotRow
+    ) -> tuple[SlotState, sampling.SampleOutput]:
+        """Puts a prefilled prompt into `slot` (donating `state`); returns the new state and the first token."""
+        # Host inputs are placed explicitly so that their shardings match the warm-up's compiled programs.
+        row, slot = jax.device_put((row, np.int32(slot)), self.replicated)
+        row_state, first = self._first(pre.logits, row)
+        return self._insert(state, pre.cache, row_state, slot), first
+
+    def decode(self, state: SlotState, active: np.ndarray) -> tuple[SlotState, sampling.SampleOutput]:
+        """One chunk of steps for all slots (donating `state`); rows with active False are ended first."""
+        return self._decode(self.params, state, jax.device_put(active, self.by_slot))
+
+    def compile(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> None:
+        """Compiles prefill and insert for each bucket, first-token sampling and decode; runs nothing.
+
+        The abstract arguments carry the real shardings: the compiled programs are cached under them.
+        """
+        rep, rows = self.replicated, self.by_slot
+        self._init.lower().compile()
+        like = lambda tree, sharding: jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree
+        )
+        row = make_row(
+            1, 1, -1, False, self.config.n_vocab, temperature=0.0, top_k=0, top_p=1.0,
+            presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=0,
+        )  # fmt: skip
+        row, params = like(row, rep), like(self.params, rep)
+        state = like(jax.eval_shape(self._init_impl), rows)
+        logits = like(jax.ShapeDtypeStruct((self.config.n_vocab,), jnp.float32), rep)
+        self._first.lower(logits, row).compile()
+        row_state = like(jax.eval_shape(self._first, logits, row)[0], rep)
+        length, slot = like(np.int32(0), rep), like(np.int32(0), rep)
+        for bucket in buckets:
+            tokens = like(jax.ShapeDtypeStruct((1, bucket), jnp.int32), rep)
+            for s in score:
+                self._prefill[s].lower(params, tokens, length).compile()
+            kv = like(jax.eval_shape(self._prefill[False], params, tokens, length).cache, rep)
+            self._insert.lower(state, kv, row_state, slot).compile()
+        self._decode.lower(params, state, like(np.zeros(self.slots, bool), rows)).compile()
