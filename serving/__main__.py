@@ -69,6 +69,13 @@ async def serve(
     return 1 if failed else 0
 
 
+def exposure_warning(settings: Settings) -> str | None:
+    """A warning when the API is open to the network: every interface bound and no API key set."""
+    if settings.binds_all_interfaces and not settings.api_keys:
+        return f"HOST={settings.host} serves every network interface with no API key: set API_KEYS"
+    return None
+
+
 def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
     parser = argparse.ArgumentParser(
         prog="gpt2jax-serve",
@@ -96,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NoModelError, ValueError) as e:
         print(f"gpt2jax-serve: {e}", file=sys.stderr)
         return 1
-    if settings.binds_all_interfaces and not settings.api_keys:
-        log.warning("HOST=%s serves every network interface with no API key: set API_KEYS", settings.host)
+    warning = exposure_warning(settings)
+    if warning:
+        log.warning(warning)
     log.info("serving %s on http://%s:%d", ", ".join(registry.models), settings.host, settings.port)
     return asyncio.run(serve(settings, registry))
 

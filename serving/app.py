@@ -24,6 +24,7 @@ from serving.context import EXTENSION, ServerState
 from serving.engine_api import Engine
 from serving.errors import register_error_handlers
 from serving.metrics import Metrics
+from serving.playground import register_playground
 from serving.registry import ModelRegistry
 from serving.settings import Settings
 
@@ -62,6 +63,7 @@ def create_app(settings: Settings, engines: ModelRegistry | Mapping[str, Engine]
     register_error_handlers(app)
     for module in BLUEPRINTS:
         app.register_blueprint(module.blueprint)
+    register_playground(app)  # GET / and its /static/ assets
     return app
 
 

@@ -9,7 +9,9 @@ from quart import Quart, request
 
 from serving.errors import APIError
 
-OPEN_PATHS = ("/health", "/")  # health checks and the playground page need no key
+# Health checks and the playground page (which asks for a key itself) need no key.
+OPEN_PATHS = ("/health", "/")
+OPEN_PREFIXES = ("/static/",)
 
 
 def key_matches(given: str, keys: Sequence[str]) -> bool:
@@ -33,7 +35,8 @@ def install(app: Quart, keys: Sequence[str]) -> None:
 
     @app.before_request
     async def _check_key() -> None:
-        if request.path in OPEN_PATHS or request.method == "OPTIONS":
+        path = request.path
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or request.method == "OPTIONS":
             return
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():

@@ -235,6 +235,21 @@ def build_spec() -> dict[str, Any]:
             "responses": {"200": {"description": "OK", "content": {"text/plain": {}}}},
         }
     }
+    paths["/"] = {
+        "get": {
+            "summary": "The playground page (no API key needed)",
+            "responses": {"200": {"description": "HTML"}},
+        }
+    }
+    paths["/static/{filename}"] = {
+        "get": {
+            "summary": "The playground's assets",
+            "parameters": [
+                {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {"200": {"description": "CSS or JavaScript"}},
+        }
+    }
     paths["/openapi.json"] = {
         "get": {"summary": "This document", "responses": {"200": {"description": "OK"}}}
     }

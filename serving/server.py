@@ -13,11 +13,14 @@ from serving.settings import Settings
 
 
 def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> Config:
-    """Binds HOST:PORT, or an already bound socket (tests bind port 0 and read the port back)."""
+    """Binds HOST:PORT, or takes over an already bound socket (tests bind port 0 and read the port back).
+
+    A socket given is handed over to Hypercorn (detached): closing it is then Hypercorn's business, so
+    that on shutdown the port stops accepting connections at once.
+    """
     config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    # Hypercorn takes ownership of an fd:// socket, so it gets a duplicate and the caller keeps its own.
-    config.bind = [f"fd://{sock.dup().detach()}"] if sock is not None else [f"{host}:{settings.port}"]
+    config.bind = [f"fd://{sock.detach()}"] if sock is not None else [f"{host}:{settings.port}"]
     config.graceful_timeout = settings.graceful_timeout  # in-flight requests get this long after SIGTERM
     config.accesslog = None  # the app logs requests itself, without query strings or headers
     config.errorlog = "-"

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -228,6 +229,26 @@ class ScriptedEngine:
                 if self.fail_after_first is not None:
                     raise self.fail_after_first
                 await asyncio.sleep(0)
+
+
+def call(app, method: str, path: str, **kwargs) -> tuple[int, Any, str]:
+    """One request through the app's in-process test client: (status, headers (case-insensitive), body)."""
+
+    async def go():
+        response = await app.test_client().open(path, method=method, **kwargs)
+        return response.status_code, response.headers, await response.get_data(as_text=True)
+
+    return asyncio.run(go())
+
+
+def sse_payloads(body: str) -> list:
+    """The JSON payloads of an SSE body, then "[DONE]" if it ended so."""
+    out = []
+    for block in body.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
 
 
 def make_app(engines: dict, **settings: object):
