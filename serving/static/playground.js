@@ -38,6 +38,7 @@ function requestBody() {
   const stop = stopSequences();
   if (stop.length) body.stop = stop;
   body.stream = true;
+  body.stream_options = { include_usage: true }; // a last chunk with the token counts
   return body;
 }
 
@@ -112,12 +113,13 @@ function colour(p) {
   return `hsl(${Math.round(120 * p)} 75% 82%)`;
 }
 
+const percent = (logprob) => `${(100 * Math.exp(logprob)).toFixed(1)}%`;
+
 function describeToken(token, logprob, top) {
-  const p = Math.exp(logprob);
-  let s = `${JSON.stringify(token)}  p = ${(100 * p).toFixed(1)}%  logprob = ${logprob.toFixed(3)}`;
+  let s = `Token ${JSON.stringify(token)}: p = ${percent(logprob)}, logprob = ${logprob.toFixed(3)}`;
   const alternatives = Object.entries(top || {})
     .sort((a, b) => b[1] - a[1])
-    .map(([t, lp]) => `${JSON.stringify(t)} ${(100 * Math.exp(lp)).toFixed(1)}%`);
+    .map(([t, lp]) => `${JSON.stringify(t)} ${percent(lp)}`);
   if (alternatives.length) s += `\nTop: ${alternatives.join(", ")}`;
   return s;
 }
@@ -216,6 +218,7 @@ async function generate() {
   setRunning(true);
   setStatus("Generating…");
   $("outputs").replaceChildren();
+  $("token-info").textContent = "Hover a token to see its probability.";
   const choices = new Map();
   const choiceFor = (i) => choices.get(i) || choices.set(i, makeChoiceBox(i, body.prompt)).get(i);
   let finished = false;
