@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 
 from serving.app import create_app
-from serving.playground import STATIC_DIR, register_playground
+from serving.playground import STATIC_DIR
 from serving.settings import Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -42,14 +42,6 @@ API_KEY = "playground-test-key"
 WAIT_S = 60  # generous: CI machines are shared, and the first request compiles the model
 
 
-def app_with_playground(settings, engines):
-    """create_app, plus the playground if create_app does not register it itself."""
-    app = create_app(settings, engines)
-    if "playground" not in app.view_functions:
-        register_playground(app)
-    return app
-
-
 # ---- the page and its assets, in process ----
 
 
@@ -59,7 +51,7 @@ async def _get(app, path: str, headers: dict | None = None) -> tuple[int, str, s
 
 
 def test_page_and_assets_are_served_without_a_key():
-    app = app_with_playground(Settings(api_keys=(API_KEY,)), {})
+    app = create_app(Settings(api_keys=(API_KEY,)), {})  # create_app registers the playground
 
     async def check():
         status, kind, html = await _get(app, "/")
@@ -105,19 +97,16 @@ def live_server(tiny_checkpoint):
     """The production serve() on a free loopback port, with API keys, FakeEngine on the tiny model."""
     from fake_engine import FakeEngine, ServerThread
 
-    import serving.__main__
     from serving.loading import registry_for
 
     settings = Settings(api_keys=(API_KEY,), max_n=4, max_tokens=120)
     registry = registry_for([pathlib.Path(tiny_checkpoint)], settings)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serving.__main__, "create_app", app_with_playground)
-        srv = ServerThread(settings, registry, lambda model, _settings: FakeEngine(model)).start()
-        try:
-            srv.wait_for(lambda: srv.get("/health")[0] == 200, 180, "/health 200")
-            yield srv.url
-        finally:
-            assert srv.shutdown() == 0
+    srv = ServerThread(settings, registry, lambda model, _settings: FakeEngine(model)).start()
+    try:
+        srv.wait_for(lambda: srv.get("/health")[0] == 200, 180, "/health 200")
+        yield srv.url
+    finally:
+        assert srv.shutdown() == 0
 
 
 @pytest.fixture(scope="module")
