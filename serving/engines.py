@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
-
 from gpt2jax.lm import LanguageModel
 from serving.engine_api import Engine
 from serving.settings import Settings
 
 
 def build_engine(model: LanguageModel, settings: Settings) -> Engine:
-    """The continuous-batching engine (serving/engine.py) for `model`, not yet started."""
-    try:
-        module = importlib.import_module("serving.engine")  # lazily: it pulls in the jitted programs
-    except ModuleNotFoundError as e:
-        if e.name != "serving.engine":
-            raise
-        raise NotImplementedError(
-            "serving/engine.py (the batching engine) is not in this tree yet; "
-            "the HTTP layer needs an Engine (serving/engine_api.py)"
-        ) from e
-    return module.BatchEngine.from_model(model)
+    """serving.engine's continuous-batching engine for `model`, not yet warmed up or started.
+
+    Imported here, not at the top: it pulls in the engine's jitted programs, which tests of the HTTP
+    layer (over fake engines) never need. JAX's persistent compilation cache is turned on, so that a
+    restarted server loads its compiled programs from disk ($JAX_CACHE_DIR, else ~/.cache/gpt2jax/jax).
+    """
+    from serving.engine import BatchEngine, enable_compilation_cache
+
+    enable_compilation_cache()
+    return BatchEngine.from_model(
+        model, slots=settings.slots, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout
+    )

@@ -65,7 +65,7 @@ def registry_for(folders: list[Path], settings: Settings) -> ModelRegistry:
 
 
 async def _call(fn: Callable[..., Any], *args: Any, thread: bool = False, **kwargs: Any) -> Any:
-    """Calls a sync or async engine method; slow sync ones (warmup) go to a thread to keep /health up."""
+    """Calls a sync or async engine method; slow sync ones go to a thread to keep /health answering."""
     if inspect.iscoroutinefunction(fn):
         return await fn(*args, **kwargs)
     result = await asyncio.to_thread(fn, *args, **kwargs) if thread else fn(*args, **kwargs)
@@ -81,10 +81,12 @@ async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBui
             log.info("loading %s from %s", m.name, m.path)
             model = await asyncio.to_thread(gpt2jax.load, m.path, settings.dtype)
             engine = build(model, settings)
-            await _call(engine.start)  # in the event loop's thread: an engine may start tasks there
             m.engine, m.status = engine, WARMING
             log.info("warming up %s", m.name)
+            # Both in a thread, so that /health keeps answering: warm-up compiles, start allocates the
+            # KV cache and starts the engine's worker thread.
             await _call(engine.warmup, thread=True)
+            await _call(engine.start, thread=True)
             m.status = READY
             log.info("%s is ready (%s)", m.name, model)
         except Exception as e:

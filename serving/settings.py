@@ -31,6 +31,9 @@ class Settings:
     max_body_bytes: int = 2 * 1024 * 1024  # MAX_BODY_BYTES: larger request bodies get 413
     graceful_timeout: float = 30.0  # GRACEFUL_TIMEOUT: seconds to finish in-flight requests on SIGTERM
     dtype: str = "float32"  # DTYPE: float32 or bfloat16 weights
+    slots: int | None = None  # SLOTS: the engine's decode slots (default: the engine's choice per device)
+    max_queue: int = 64  # MAX_QUEUE: requests that may wait for a slot; more get 429
+    queue_timeout: float = 30.0  # QUEUE_TIMEOUT: seconds a request may wait for a slot before a 429
     log_level: str = "INFO"  # LOG_LEVEL
 
     @classmethod
@@ -58,6 +61,9 @@ class Settings:
             max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, 1024, 1 << 31),
             graceful_timeout=_float(env, "GRACEFUL_TIMEOUT", d.graceful_timeout),
             dtype=get("DTYPE") or d.dtype,
+            slots=_int(env, "SLOTS", 0, 1, 1 << 16) or None,
+            max_queue=_int(env, "MAX_QUEUE", d.max_queue, 0, 1 << 20),
+            queue_timeout=_float(env, "QUEUE_TIMEOUT", d.queue_timeout),
             log_level=(get("LOG_LEVEL") or d.log_level).upper(),
         )
 
