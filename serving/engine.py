@@ -36,7 +36,7 @@ from serving.engine_api import EngineError, EngineOverloaded, Event, GenerationR
 from serving.engine_choice import ChoiceStream
 from serving.engine_device import SlotPrograms, enable_compilation_cache, make_row
 from serving.engine_job import END, Job
-from serving.engine_metrics import EngineMetrics
+from serving.engine_metrics import EngineMetrics, publish, unpublish
 
 __all__ = ["BatchEngine", "EngineFault", "default_slots", "enable_compilation_cache"]
 
@@ -181,6 +181,7 @@ class BatchEngine:
             self._accepting, self._stopping = True, False
             self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
             self._thread.start()
+        publish(self)
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops accepting requests; with drain, finishes queued and running ones first, else fails them.
@@ -194,6 +195,7 @@ class BatchEngine:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+        unpublish(self)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Blocks until no request waits or runs; False on timeout."""
@@ -324,7 +326,7 @@ class BatchEngine:
         try:
             pre = self._programs.prefill(r.prompt, bucket(len(r.prompt), self.n_ctx), r.echo_logprobs)
             if r.echo_logprobs:
-                job.set_prompt_scores(*(np.asarray(a[0, : len(r.prompt)]) for a in pre.scores))
+                job.set_prompt_scores(*(np.asarray(a)[0, : len(r.prompt)] for a in pre.scores))
         except Exception as exc:  # the prefill touches no slot: only this job fails
             log.exception("prefill failed")
             self._fail(job, exc)

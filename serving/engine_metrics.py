@@ -2,7 +2,9 @@
 
 The engine updates an `EngineMetrics` from its worker thread (single writer: plain ints and floats are
 enough). The HTTP layer registers one `EngineCollector(engines)`, which reads every engine's metrics at
-scrape time under a `model` label, so several engines never clash over metric names.
+scrape time under a `model` label, so several engines never clash over metric names. A started engine
+also `publish`es itself in one process-wide collector in prometheus-client's default registry (the HTTP
+layer's `/metrics` renders that registry too).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class EngineCollector:
     `engines` is anything with `.name` and `.metrics` (an EngineMetrics).
     """
 
-    def __init__(self, engines: Iterable[Any], prefix: str = "gpt2jax_engine") -> None:
+    def __init__(self, engines: Iterable[Any] = (), prefix: str = "gpt2jax_engine") -> None:
         self.engines = list(engines)
         self.prefix = prefix
 
@@ -108,3 +110,25 @@ class EngineCollector:
                 h: Histogram = getattr(e.metrics, attr)
                 family.add_metric([e.name], h.cumulative(), h.sum)
             yield family
+
+
+_published: EngineCollector | None = (
+    None  # in prometheus-client's default registry once anything is published
+)
+
+
+def publish(engine: Any) -> None:
+    """Shows `engine`'s metrics in prometheus-client's default registry (until `unpublish`)."""
+    global _published
+    if _published is None:
+        from prometheus_client import REGISTRY
+
+        _published = EngineCollector()
+        REGISTRY.register(_published)
+    if engine not in _published.engines:
+        _published.engines.append(engine)
+
+
+def unpublish(engine: Any) -> None:
+    if _published is not None and engine in _published.engines:
+        _published.engines.remove(engine)

@@ -1,0 +1,509 @@
+"""The continuous-batching engine (serving/engine.py) on the tiny random checkpoint.
+
+One engine (8 slots, chunks of 4 steps) serves most tests, so that compiling happens once. Run as a script
+(`python tests/test_engine.py CHECKPOINT`), this file prints the mixed workload's results as JSON: the test
+for 8 devices runs it in a subprocess with XLA_FLAGS set before JAX starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import gpt2jax
+from serving.engine import BatchEngine, EngineFault
+from serving.engine_api import EngineError, EngineOverloaded, GenerationRequest
+from serving.engine_choice import ChoiceStream, holdback
+
+SLOTS, CHUNK = 8, 4
+PROMPTS = [
+    "The",
+    "Return the value of the named attribute of object.",
+    "import os",
+    "A class may define a method named __getitem__() that",
+    "For example, the following code",
+    "x = 1",
+    "If the object supports the buffer protocol, then the result is an exception raised.",
+    "Each time the loop runs, the statement is executed and the condition is checked again until it is false",
+]
+
+
+@dataclasses.dataclass
+class Choice:
+    text: str = ""
+    tokens: list = dataclasses.field(default_factory=list)
+    prompt: tuple = ()
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    events: int = 0
+
+
+async def collect(engine: BatchEngine, request: GenerationRequest) -> list[Choice]:
+    choices: dict[int, Choice] = {}
+    async for ev in engine.generate(request):
+        c = choices.setdefault(ev.index, Choice())
+        assert c.finish_reason is None, "event after the last one"
+        c.text += ev.text
+        c.tokens += ev.tokens
+        c.prompt = c.prompt or ev.prompt
+        c.finish_reason, c.completion_tokens = ev.finish_reason, ev.completion_tokens
+        c.events += 1
+    return [choices[i] for i in sorted(choices)]
+
+
+def mixed_requests(tokenizer) -> list[GenerationRequest]:
+    """16 requests of different prompt lengths and settings."""
+    settings = [
+        dict(temperature=0.0),
+        dict(temperature=0.8, seed=1),
+        dict(temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5),
+        dict(temperature=1.0, top_p=0.9, seed=2, logprobs=3),
+        dict(temperature=0.9, seed=5, stop=("e", " t", "d d"), logprobs=0),
+        dict(temperature=1.2, top_k=20, seed=3, stop=("on", "\n")),
+        dict(temperature=0.7, n=2, seed=4, frequency_penalty=0.5),
+        dict(temperature=0.0, logit_bias=((5, 5.0), (17, -100.0)), echo_logprobs=True, logprobs=2),
+    ]
+    out = []
+    for i in range(16):
+        prompt = tuple(tokenizer.encode(PROMPTS[i % len(PROMPTS)] + " x" * (i // 2)))
+        out.append(
+            GenerationRequest(prompt=prompt, max_tokens=6 + (i * 5) % 20, **settings[i % len(settings)])
+        )
+    return out
+
+
+def summary(results: list[list[Choice]]) -> list:
+    """What must agree between runs: texts, token ids, finish reasons, logprobs."""
+    return [
+        [
+            dict(
+                text=c.text,
+                tokens=[t.token for t in c.tokens],
+                logprobs=[t.logprob for t in c.tokens],
+                top=[[x[0] for x in t.top] for t in c.tokens],
+                finish=c.finish_reason,
+                n=c.completion_tokens,
+            )
+            for c in choices
+        ]
+        for choices in results
+    ]
+
+
+def assert_same(a: list, b: list) -> None:
+    for ra, rb in zip(a, b, strict=True):
+        for ca, cb in zip(ra, rb, strict=True):
+            assert {k: v for k, v in ca.items() if k != "logprobs"} == {
+                k: v for k, v in cb.items() if k != "logprobs"
+            }
+            np.testing.assert_allclose(ca["logprobs"], cb["logprobs"], atol=1e-4)
+
+
+async def run_batched(engine: BatchEngine, requests: list[GenerationRequest]) -> list[list[Choice]]:
+    return list(await asyncio.gather(*(collect(engine, r) for r in requests)))
+
+
+def make_engine(lm, **options) -> BatchEngine:
+    return BatchEngine.from_model(lm, slots=SLOTS, chunk_size=CHUNK, **options)
+
+
+# ---- the shared engine ----
+
+import pytest  # noqa: E402  (the script mode above needs no pytest)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_checkpoint):
+    return gpt2jax.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    """Backend compilations seen since the module started (a list of durations)."""
+    import jax.monitoring
+
+    seen: list[float] = []
+
+    def listen(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.fixture(scope="module")
+def engine(lm, compiles):
+    eng = make_engine(lm)
+    eng.warmup()
+    eng.start()
+    yield eng
+    eng.stop(drain=False, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def mixed(lm, engine, compiles):
+    """The mixed workload, batched and one at a time (and how many compilations the runs needed)."""
+    requests = mixed_requests(lm.tokenizer)
+    before = len(compiles)
+    batched = asyncio.run(run_batched(engine, requests))
+    alone = [asyncio.run(collect(engine, r)) for r in requests]
+    return requests, batched, alone, len(compiles) - before
+
+
+# ---- 1. batching does not change results ----
+
+
+def test_results_are_the_same_alone_and_batched(mixed):
+    requests, batched, alone, _ = mixed
+    assert_same(summary(batched), summary(alone))
+    for r, choices in zip(requests, batched, strict=True):
+        assert len(choices) == r.n
+        for c in choices:
+            assert c.finish_reason in ("stop", "length")
+            assert c.completion_tokens <= r.max_tokens
+            assert bool(c.prompt) == r.echo_logprobs
+
+
+def test_no_compilation_after_warmup(mixed):
+    assert mixed[3] == 0
+
+
+def test_greedy_and_seeded_outputs_match_the_notebook_api(lm, mixed):
+    requests, batched, _, _ = mixed
+    plain = [i for i, r in enumerate(requests) if r.temperature == 0 and not r.logit_bias and not r.stop]
+    for i in plain:
+        r = requests[i]
+        text = lm.tokenizer.decode(r.prompt)
+        ref = lm.generate(
+            text,
+            max_tokens=r.max_tokens,
+            temperature=0,
+            frequency_penalty=r.frequency_penalty,
+            presence_penalty=r.presence_penalty,
+        )
+        assert batched[i][0].text == ref[0]
+    # n=2 with a seed: choice i has seed derive_seed(seed, i), as the notebook API's row i does.
+    i = next(i for i, r in enumerate(requests) if r.n == 2)
+    r = requests[i]
+    ref = lm.generate(
+        lm.tokenizer.decode(r.prompt),
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        frequency_penalty=r.frequency_penalty,
+        n=2,
+        seed=r.seed,
+    )
+    assert [c.text for c in batched[i]] == ref
+    assert ref[0] != ref[1]
+
+
+# ---- 2. eight devices give the same results as one ----
+
+
+def test_eight_devices_match_one(tiny_checkpoint, mixed, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    cache = tmp_path / "jax-cache"
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tiny_checkpoint), str(cache)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    assert_same(out["results"], summary(mixed[1]))
+    assert any(cache.iterdir()), "the persistent compilation cache stayed empty"
+
+
+def main(checkpoint: str, cache_dir: str) -> None:
+    import jax
+
+    from serving.engine import enable_compilation_cache
+
+    enable_compilation_cache(cache_dir)
+    lm = gpt2jax.load(checkpoint)
+    engine = make_engine(lm)
+    engine.start()
+    results = asyncio.run(run_batched(engine, mixed_requests(lm.tokenizer)))
+    engine.stop()
+    print(json.dumps({"devices": len(jax.local_devices()), "results": summary(results)}))
+
+
+# ---- 3. cancellation, back-pressure, no leaks ----
+
+
+def slow_decode(engine: BatchEngine, monkeypatch, seconds: float) -> None:
+    """Makes every decode call take at least `seconds` (the device stays busy long enough to test queues)."""
+    real = engine._programs.decode
+
+    def slow(state, active):
+        time.sleep(seconds)
+        return real(state, active)
+
+    monkeypatch.setattr(engine._programs, "decode", slow)
+
+
+def long_request(lm, **kw) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=tuple(lm.tokenizer.encode("The")), max_tokens=100, stop_at_eos=False, temperature=0.0, **kw
+    )
+
+
+async def until(cond, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_closing_or_cancelling_a_request_frees_its_slots(lm, engine, monkeypatch):
+    slow_decode(engine, monkeypatch, 0.02)
+
+    async def go():
+        stream = engine.generate(long_request(lm, n=2))
+        await anext(stream)
+        assert engine.busy_slots == 2
+        await stream.aclose()  # what the HTTP layer does when the client goes away
+        await until(lambda: engine.busy_slots == 0)
+
+        task = asyncio.ensure_future(collect(engine, long_request(lm)))
+        await until(lambda: engine.busy_slots == 1)
+        task.cancel()
+        await until(lambda: engine.busy_slots == 0)
+
+    asyncio.run(go())
+
+
+def test_full_queue_refuses_at_once_and_long_waits_are_refused(lm, engine, monkeypatch):
+    slow_decode(engine, monkeypatch, 0.05)
+    monkeypatch.setattr(engine, "queue_timeout", 0.3)
+
+    async def go():
+        busy = [engine.generate(long_request(lm)) for _ in range(SLOTS)]
+        await asyncio.gather(*(anext(s) for s in busy))
+        assert engine.busy_slots == SLOTS
+        monkeypatch.setattr(engine, "max_queue", 1)
+        waiting = asyncio.ensure_future(collect(engine, long_request(lm)))
+        await until(lambda: engine.queue_length == 1)
+        t = time.monotonic()
+        with pytest.raises(EngineOverloaded):
+            await anext(engine.generate(long_request(lm)))
+        assert time.monotonic() - t < 0.1  # at once, not after a wait
+        with pytest.raises(EngineOverloaded, match="no slot within"):
+            await waiting
+        for s in busy:
+            await s.aclose()
+        await until(lambda: engine.busy_slots == 0 and engine.queue_length == 0)
+
+    asyncio.run(go())
+
+
+def test_many_requests_with_random_cancellations_leak_nothing(lm, engine, monkeypatch):
+    monkeypatch.setattr(engine, "max_queue", 1000)
+    rng = random.Random(0)
+
+    async def one(i: int):
+        r = GenerationRequest(
+            prompt=tuple(lm.tokenizer.encode(PROMPTS[i % len(PROMPTS)])),
+            max_tokens=rng.choice([0, 1, 2, 5, 8]),
+            n=rng.choice([1, 1, 2]),
+            temperature=rng.choice([0.0, 1.0]),
+            seed=i,
+            echo_logprobs=rng.random() < 0.2,
+            logprobs=rng.choice([None, 2]),
+            stop=rng.choice([(), ("e",)]),
+        )
+        stream = engine.generate(r)
+        quit_after = rng.choice([0, 1, 2, None, None])
+        seen = 0
+        try:
+            async for _ in stream:
+                seen += 1
+                if quit_after is not None and seen >= quit_after:
+                    break
+        finally:
+            await stream.aclose()
+
+    async def go():
+        tasks = [asyncio.ensure_future(one(i)) for i in range(200)]
+        await asyncio.sleep(0.05)
+        for t in rng.sample(tasks, 20):  # some are cancelled while waiting or running
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await until(lambda: engine.busy_slots == 0 and engine.queue_length == 0)
+
+    asyncio.run(go())
+    assert engine.wait_idle(timeout=10)
+    assert sorted(engine._free) == list(range(SLOTS))
+    assert all(s is None for s in engine._seats)
+
+
+def test_errors_fail_the_affected_requests_and_the_engine_keeps_serving(lm, engine, monkeypatch):
+    real = engine._programs.decode
+    calls = []
+
+    def fails_once(state, active):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected device failure")
+        return real(state, active)
+
+    monkeypatch.setattr(engine._programs, "decode", fails_once)
+    request = GenerationRequest(prompt=tuple(lm.tokenizer.encode("x = 1")), max_tokens=10, temperature=0)
+    with pytest.raises(EngineFault, match="injected"):
+        asyncio.run(collect(engine, request))
+    assert asyncio.run(collect(engine, request))[0].completion_tokens == 10
+    assert engine.wait_idle(timeout=10) and engine.busy_slots == 0
+
+
+def test_invalid_requests_are_refused_before_any_event(lm, engine):
+    async def first(r):
+        return await anext(engine.generate(r))
+
+    for bad in [
+        GenerationRequest(prompt=()),
+        GenerationRequest(prompt=(1,), max_tokens=engine.n_ctx),
+        GenerationRequest(prompt=(1,), n=SLOTS + 1),
+        GenerationRequest(prompt=(lm.config.n_vocab,)),
+    ]:
+        with pytest.raises(EngineError):
+            asyncio.run(first(bad))
+
+
+# ---- 4. stop strings, logprobs, echo ----
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_streamed(lm, engine):
+    prompt = tuple(lm.tokenizer.encode("Return the value of"))
+    free = asyncio.run(collect(engine, GenerationRequest(prompt=prompt, max_tokens=12, temperature=0)))[0]
+    pieces = [lm.tokenizer.decode([t.token]) for t in free.tokens]
+    k = next(i for i in range(2, len(pieces)) if pieces[i - 1] and pieces[i])
+    stop = pieces[k - 1][-1:] + pieces[k][:1]  # the last character of one token and the first of the next
+    cut = free.text.find(stop)
+    r = GenerationRequest(
+        prompt=prompt, max_tokens=12, temperature=0, stop=("zzz-not-there", stop), logprobs=1
+    )
+    got = asyncio.run(collect(engine, r))[0]
+    assert got.text == free.text[:cut]
+    assert got.finish_reason == "stop" and stop not in got.text
+    assert "".join(lm.tokenizer.decode([t.token]) for t in got.tokens).startswith(got.text)
+    assert free.finish_reason == "length" and free.completion_tokens == 12
+
+
+def test_logprobs_agree_with_scoring(lm, engine):
+    text = "Return the value of the named attribute"
+    prompt = tuple(lm.tokenizer.encode(text))
+    r = GenerationRequest(prompt=prompt, max_tokens=5, temperature=0, logprobs=3, echo_logprobs=True)
+    c = asyncio.run(collect(engine, r))[0]
+    expected = lm.score(text)
+    assert c.prompt[0].logprob is None and c.prompt[0].top == ()
+    np.testing.assert_allclose([t.logprob for t in c.prompt[1:]], expected[1:], atol=1e-4)
+    assert all(len(t.top) == 3 for t in c.prompt[1:])
+    # Generated tokens: their logprobs are those of scoring prompt + completion; greedy = the top choice.
+    scores = lm.score_ids([list(prompt) + [t.token for t in c.tokens]])[0]
+    np.testing.assert_allclose([t.logprob for t in c.tokens], scores.logprob[len(prompt) :], atol=1e-4)
+    for t in c.tokens:
+        assert len(t.top) == 3 and t.top[0][0] == t.token
+        assert t.top[0][1] == lm.tokenizer.token_str(t.token)
+        np.testing.assert_allclose(t.top[0][2], t.logprob, atol=1e-5)
+
+
+def test_echo_scoring_with_zero_max_tokens(lm, engine):
+    prompt = tuple(lm.tokenizer.encode("For example, the following code"))
+    r = GenerationRequest(prompt=prompt, max_tokens=0, logprobs=1, echo_logprobs=True, n=2)
+    choices = asyncio.run(collect(engine, r))
+    assert [c.finish_reason for c in choices] == ["length", "length"]
+    assert all(c.text == "" and c.completion_tokens == 0 and len(c.prompt) == len(prompt) for c in choices)
+
+
+def test_best_of_returns_the_choice_with_the_highest_mean_logprob(lm, engine):
+    prompt = tuple(lm.tokenizer.encode("import os"))
+    base = dict(prompt=prompt, max_tokens=6, temperature=1.0, seed=11, stop_at_eos=False)
+    all3 = asyncio.run(collect(engine, GenerationRequest(n=3, **base)))
+    best = asyncio.run(collect(engine, GenerationRequest(n=1, best_of=3, **base)))
+    assert len(best) == 1 and best[0].events == 1
+    means = [np.mean([t.logprob for t in c.tokens]) for c in all3]
+    assert best[0].text == all3[int(np.argmax(means))].text
+
+
+def test_metrics(lm, engine, mixed):
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+
+    from serving.engine_metrics import EngineCollector
+
+    m = engine.metrics
+    assert m.tokens_generated > 0 and m.ttft.count > 0 and m.step_time.count > 0
+    assert m.queue_length == 0 and m.busy_slots == 0 and m.slots == SLOTS
+    registry = CollectorRegistry()
+    registry.register(EngineCollector([engine]))
+    text = generate_latest(registry).decode()
+    assert 'gpt2jax_engine_busy_slots{model="' in text
+    assert "gpt2jax_engine_time_to_first_token_seconds_bucket" in text
+    assert "gpt2jax_engine_tokens_generated_total" in text
+    assert "gpt2jax_engine_step_seconds_count" in generate_latest(REGISTRY).decode()  # published on start
+
+
+def test_stop_drains_running_requests(lm, engine, monkeypatch):
+    """Stops the shared engine (so this test comes last), then starts it again."""
+    eng = engine
+    slow_decode(eng, monkeypatch, 0.02)
+    r = GenerationRequest(prompt=(1,), max_tokens=20, temperature=0, stop_at_eos=False)
+
+    async def go():
+        task = asyncio.ensure_future(collect(eng, r))
+        await until(lambda: eng.busy_slots == 1)
+        await asyncio.to_thread(eng.stop)
+        with pytest.raises(EngineOverloaded):
+            await anext(eng.generate(r))
+        return await task
+
+    assert asyncio.run(go())[0].completion_tokens == 20
+    assert not eng.running
+    eng.start()
+    assert asyncio.run(collect(eng, r))[0].completion_tokens == 20
+
+
+# ---- the host side of a choice, without a model ----
+
+
+def test_holdback():
+    assert holdback("abc", ["cde"]) == 1
+    assert holdback("abcd", ["cde", "bcdx"]) == 3
+    assert holdback("abc", ["abc"]) == 0  # a whole stop string is found, not held
+    assert holdback("abc", []) == 0
+
+
+def test_choice_stream_holds_back_and_never_splits_characters(lm):
+    tok = lm.tokenizer
+    ids = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
+    c3, a9 = ids[b"\xc3"], ids[b"\xa9"]  # "é" in two byte tokens
+    pieces = [tok.encode(s) for s in ["ab", "cd", "ef"]]
+    s = ChoiceStream(tok, 0, max_tokens=20, stop=["def"])
+    events = []
+    for t in [c3, a9, *sum(pieces, [])]:
+        s.push(t, -1.0, np.zeros(5, np.int32), np.zeros(5, np.float32))
+        if (e := s.take_event()) is not None:
+            events.append(e)
+    texts = [e.text for e in events]
+    assert all("\ufffd" not in t for t in texts)
+    assert "".join(texts) == "éabc" and s.finish_reason == "stop"
+    assert texts[0] == "" and texts[1] == "é"  # the first byte alone releases no text
+    assert events[-1].finish_reason == "stop"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
