@@ -118,7 +118,7 @@ def body_schema(fields: Sequence[Field]) -> dict[str, Any]:
     for f in fields:
         schema = dict(f.schema)
         props[f.name] = {"anyOf": [schema, {"type": "null"}], "description": f.doc}
-        if f.default not in (None, ()):
+        if f.schema.get("type") in ("integer", "number", "boolean", "string") and f.default is not None:
             props[f.name]["default"] = f.default
     required = [f.name for f in fields if f.required]
     return {"type": "object", "properties": props, "required": required}
@@ -128,59 +128,66 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+_ERROR_STATUSES = {
+    "400": "Invalid JSON, type or value",
+    "401": "Missing or wrong API key",
+    "404": "Unknown model or route",
+    "413": "Body larger than MAX_BODY_BYTES",
+    "429": "The engine is overloaded",
+    "503": "The model is still loading",
+}
+ERROR_RESPONSES = {
+    code: {"description": why, "content": {"application/json": {"schema": _ref("Error")}}}
+    for code, why in _ERROR_STATUSES.items()
+}
+
+
 def _responses(ok: dict[str, Any], stream: bool = False) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": ok}}
     if stream:
         content["text/event-stream"] = {
-            "schema": {"type": "string", "description": "data: {chunk} ... data: [DONE]"}
+            "schema": {"type": "string", "description": "data: {chunk} events, then data: [DONE]"}
         }
-    err = {"content": {"application/json": {"schema": _ref("Error")}}}
     out: dict[str, Any] = {"200": {"description": "OK", "content": content}}
-    for code, why in (
-        ("400", "invalid request"),
-        ("401", "missing or wrong API key"),
-        ("404", "unknown model or route"),
-        ("413", "body too large"),
-        ("429", "overloaded"),
-        ("503", "model not ready"),
-    ):
-        out[code] = {"description": why} | err
+    out |= {code: {"$ref": f"#/components/responses/{code}"} for code in _ERROR_STATUSES}
     return out
 
 
-def _op(summary: str, ok: dict[str, Any], *, fields=None, stream=False, query=False, path_param=None):
+def _op(summary: str, ok: dict[str, Any], *, body=None, query=(), stream=False, path_param=None):
+    """One operation; body names a request schema in components, query lists fields taken from the URL."""
     op: dict[str, Any] = {"summary": summary, "responses": _responses(ok, stream)}
     params = []
     if path_param:
         params.append({"name": path_param, "in": "path", "required": True, "schema": {"type": "string"}})
-    if fields and query:
-        params += [
-            {"name": f.name, "in": "query", "schema": f.schema, "description": f.doc}
-            for f in fields
-            if f.name != "model"
-        ]
-    elif fields:
-        op["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": body_schema(fields)}},
-        }
+    params += [{"name": f.name, "in": "query", "schema": f.schema, "description": f.doc} for f in query]
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
     if params:
         op["parameters"] = params
     return op
 
 
+REQUEST_BODIES = {
+    "CompletionRequest": COMPLETION_FIELDS,
+    "LegacyCompletionRequest": tuple(f for f in COMPLETION_FIELDS if f.name != "model"),
+    "ChatCompletionRequest": CHAT_FIELDS,
+    "TokenizeRequest": TOKENIZE_FIELDS,
+    "DetokenizeRequest": DETOKENIZE_FIELDS,
+}
+
+
 def build_spec() -> dict[str, Any]:
-    legacy_fields = [f for f in COMPLETION_FIELDS if f.name != "model"]
+    legacy_fields = REQUEST_BODIES["LegacyCompletionRequest"]
     eng = "engine_id"
     paths: dict[str, dict[str, Any]] = {
         "/v1/completions": {
-            "post": _op("Create a completion", _ref("Completion"), fields=COMPLETION_FIELDS, stream=True)
+            "post": _op("Create a completion", _ref("Completion"), body="CompletionRequest", stream=True)
         },
         "/v1/chat/completions": {
             "post": _op(
                 "Create a chat completion (transcript template)",
                 _ref("ChatCompletion"),
-                fields=CHAT_FIELDS,
+                body="ChatCompletionRequest",
                 stream=True,
             )
         },
@@ -194,15 +201,14 @@ def build_spec() -> dict[str, Any]:
             "get": _op(
                 "Legacy completion, parameters in the query string",
                 _ref("Completion"),
-                fields=legacy_fields,
+                query=legacy_fields,
                 stream=True,
-                query=True,
                 path_param=eng,
             ),
             "post": _op(
                 "Legacy completion; over-long prompts keep their last n_ctx - max_tokens tokens",
                 _ref("Completion"),
-                fields=legacy_fields,
+                body="LegacyCompletionRequest",
                 stream=True,
                 path_param=eng,
             ),
@@ -214,11 +220,11 @@ def build_spec() -> dict[str, Any]:
         }
     paths["/tokenize"] = {
         "post": _op(
-            "Tokenize text", _obj(tokens={"type": "array"}, count={"type": "integer"}), fields=TOKENIZE_FIELDS
+            "Tokenize text", _obj(tokens={"type": "array"}, count={"type": "integer"}), body="TokenizeRequest"
         )
     }
     paths["/detokenize"] = {
-        "post": _op("Token ids to text", _obj(prompt={"type": "string"}), fields=DETOKENIZE_FIELDS)
+        "post": _op("Token ids to text", _obj(prompt={"type": "string"}), body="DetokenizeRequest")
     }
     paths["/health"] = {
         "get": {
@@ -259,11 +265,13 @@ def build_spec() -> dict[str, Any]:
             "title": "gpt2jax",
             "version": gpt2jax.__version__,
             "description": "GPT-2 behind OpenAI's completions, chat and legacy engines API. When API keys are "
-            "set, every route but /health needs `Authorization: Bearer KEY`. Fields set to null count as unset.",
+            "set, every route but /health, / and /static/ needs `Authorization: Bearer KEY`. Fields set to null "
+            "count as unset.",
         },
         "paths": dict(sorted(paths.items())),
         "components": {
-            "schemas": COMPONENTS,
+            "schemas": COMPONENTS | {name: body_schema(fields) for name, fields in REQUEST_BODIES.items()},
+            "responses": ERROR_RESPONSES,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}, {}],

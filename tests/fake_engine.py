@@ -198,6 +198,9 @@ class ScriptedEngine:
         self.requests: list[GenerationRequest] = []
         self.error: Exception | None = None  # raised before the first event when set
         self.fail_after_first: Exception | None = None  # raised after the first event when set
+        self.delay = 0.0  # seconds before each event
+        self.open_streams = 0  # generate() calls not finished or closed yet
+        self.events_sent = 0
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         self.requests.append(request)
@@ -220,15 +223,19 @@ class ScriptedEngine:
                 TokenLogprob(t, tok.token_str(t), None if j == 0 else -2.0)
                 for j, t in enumerate(request.prompt)
             )
-        for i in range(request.n):
-            events = events_for(tok, i, toks, request, tok.eos_token_id)
-            for j, event in enumerate(events):
-                if j == 0 and prompt:
-                    event = Event(**{**event.__dict__, "prompt": prompt})
-                yield event
-                if self.fail_after_first is not None:
-                    raise self.fail_after_first
-                await asyncio.sleep(0)
+        self.open_streams += 1
+        try:
+            for i in range(request.n):
+                for j, event in enumerate(events_for(tok, i, toks, request, tok.eos_token_id)):
+                    if j == 0 and prompt:
+                        event = Event(**{**event.__dict__, "prompt": prompt})
+                    await asyncio.sleep(self.delay)
+                    self.events_sent += 1
+                    yield event
+                    if self.fail_after_first is not None:
+                        raise self.fail_after_first
+        finally:  # also when the HTTP layer closes the stream (the client went away)
+            self.open_streams -= 1
 
 
 def call(app, method: str, path: str, **kwargs) -> tuple[int, Any, str]:

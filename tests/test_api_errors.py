@@ -4,7 +4,6 @@ answers normally afterwards. Also: a SIGTERM-style stop finishes the in-flight s
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import socket
@@ -184,14 +183,9 @@ def test_stop_finishes_in_flight_stream_then_refuses(tokenizer_dir):
     """What SIGTERM does: stop accepting, let the running stream end with [DONE], exit 0."""
     from gpt2jax.tokenizer import GPT2Tokenizer
 
-    class SlowEngine(ScriptedEngine):
-        async def generate(self, request):
-            async for event in super().generate(request):
-                await asyncio.sleep(0.1)
-                yield event
-
     tok = GPT2Tokenizer.from_dir(tokenizer_dir)
-    engine = SlowEngine(tok, name="slow", reply=" one two three four five six seven eight nine ten")
+    engine = ScriptedEngine(tok, name="slow", reply=" one two three four five six seven eight nine ten")
+    engine.delay = 0.1
     srv = ServerThread(Settings(), ModelRegistry.from_engines({"slow": engine})).start()
     srv.wait_for(lambda: srv.get("/health")[0] == 200, 30, "/health")
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
@@ -215,3 +209,25 @@ def test_stop_finishes_in_flight_stream_then_refuses(tokenizer_dir):
     assert rest.rstrip().endswith(b"data: [DONE]") and b'"finish_reason":"' in rest
     stopper.join(30)
     assert srv.exit_code == 0
+
+
+def test_client_gone_closes_the_engine_stream(server):
+    engine = server.registry.models["tiny"].engine
+    engine.delay, engine.reply, before = 0.2, " word" * 30, engine.events_sent
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 30, "stream": True})
+        conn.request(
+            "POST",
+            C,
+            body=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+        )
+        response = conn.getresponse()
+        assert response.readline().startswith(b"data: {")
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        server.wait_for(lambda: engine.open_streams == 0, 10, "the engine stream to be closed")
+        assert engine.events_sent - before < 10  # of 30: it did not run to the end
+    finally:
+        engine.delay, engine.reply = 0.0, ScriptedEngine(engine.tokenizer).reply

@@ -197,3 +197,29 @@ def test_curl_get_engine_completions(server):
     assert len(body["choices"]) == 4
     assert all(c["text"].startswith("Hello, my name is") for c in body["choices"])
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_examples(server, tmp_path):
+    env = {**os.environ, "PORT": str(server.port), "T": "0.8", "M": "8"}
+    env.pop("OPENAI_API_BASE", None)
+    run = lambda *args, **extra: subprocess.run(
+        ["bash", *map(str, args)], env=env | extra, capture_output=True, text=True, timeout=120
+    )
+    out = run(EXAMPLES / "001_test_list.sh")
+    assert out.returncode == 0 and f'"id": "{server.name}"' in out.stdout, out.stderr
+    out = run(EXAMPLES / "002_test_completion.sh", "Hello, my name is")
+    assert out.returncode == 0 and out.stdout.startswith("Hello, my name is"), out.stderr
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("Once upon a time")
+    out = run(EXAMPLES / "002_test_completion.sh", prompt_file)
+    assert out.returncode == 0 and out.stdout.startswith("Once upon a time"), out.stderr
+    out = run(EXAMPLES / "003_completions.sh", "Yo dawg", N="2")
+    assert out.returncode == 0 and out.stdout.count("\033c") == 2 and "Yo dawg" in out.stdout, out.stderr
+    out = subprocess.run(
+        [sys.executable, EXAMPLES / "openai_client.py"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "completion 1:" in out.stdout and "chat: " in out.stdout, out.stderr

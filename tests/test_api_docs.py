@@ -1,0 +1,33 @@
+"""docs/API.md and docs/openapi.json keep up with the code."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from serving.openapi import build_spec
+from serving.routes_tokenize import DETOKENIZE_FIELDS, TOKENIZE_FIELDS
+from serving.schemas import CHAT_FIELDS, COMPLETION_FIELDS
+from serving.settings import Settings
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+SETTINGS_SOURCE = Path(__file__).resolve().parents[1] / "serving" / "settings.py"
+
+
+def test_static_openapi_is_current():
+    assert json.loads((DOCS / "openapi.json").read_text()) == json.loads(json.dumps(build_spec())), (
+        "regenerate it: python -m serving.openapi docs/openapi.json"
+    )
+
+
+def test_api_md_documents_every_variable_and_field():
+    text = (DOCS / "API.md").read_text()
+    variables = set(re.findall(r'env, "([A-Z_]+)"|get\("([A-Z_]+)"\)', SETTINGS_SOURCE.read_text()))
+    variables = {a or b for a, b in variables} | {"CORS_ORIGINS"}
+    assert len(variables) >= len(dataclasses.fields(Settings)) - 1
+    missing = sorted(v for v in variables if f"`{v}`" not in text)
+    assert not missing, f"docs/API.md lacks {missing}"
+    for field in (*COMPLETION_FIELDS, *CHAT_FIELDS, *TOKENIZE_FIELDS, *DETOKENIZE_FIELDS):
+        assert f"`{field.name}`" in text or f'"{field.name}"' in text, field.name
