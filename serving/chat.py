@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from gpt2jax.tokenizer import GPT2Tokenizer
+from serving.chat_schemas import ChatRequest
 from serving.completions import new_id
 from serving.engine_api import Engine, GenerationRequest, TokenLogprob
 from serving.generation import (
@@ -19,7 +20,6 @@ from serving.generation import (
     merge,
 )
 from serving.registry import ServedModel
-from serving.schemas import ChatRequest
 from serving.settings import Settings
 
 

@@ -21,6 +21,9 @@ log = logging.getLogger("serving")
 
 EngineBuilder = Callable[[LanguageModel, Settings], Engine]
 
+# The repository's own checkpoints/ folder, where a small model ships with the code.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
+
 
 class NoModelError(RuntimeError):
     """No model to serve; the message says how to get one."""
@@ -31,20 +34,27 @@ def is_model_dir(path: Path) -> bool:
 
 
 def discover_models(settings: Settings) -> list[Path]:
-    """The folders named by MODELS (names under MODELS_DIR, or paths), else every model under MODELS_DIR."""
+    """The folders named by MODELS (names under MODELS_DIR, or paths), else every model under MODELS_DIR,
+    else the model(s) shipped in the repository's checkpoints/ folder."""
     if settings.models:
         try:
             return [resolve_checkpoint(name, settings.models_dir) for name in settings.models]
         except FileNotFoundError as e:
             raise NoModelError(str(e)) from None
     root = Path(settings.models_dir)
-    found = sorted(p for p in root.iterdir() if is_model_dir(p)) if root.is_dir() else []
+    found = _models_in(root)
+    if not found and SHIPPED_DIR.resolve() != root.resolve():
+        found = _models_in(SHIPPED_DIR)  # e.g. gpt2jax-serve started outside the repo
     if not found:
         raise NoModelError(
             f"no model found under {root}/ (MODELS_DIR). Get one with: python3 download_model.py 117M "
             "(or point MODELS at a GPT-2 folder)"
         )
     return found
+
+
+def _models_in(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if is_model_dir(p)) if root.is_dir() else []
 
 
 def registry_for(folders: list[Path], settings: Settings) -> ModelRegistry:

@@ -7,9 +7,9 @@ from functools import partial
 from quart import Blueprint, Response
 
 from serving.chat import ChatShaper, prepare
+from serving.chat_schemas import parse_chat
 from serving.context import json_body, json_response, state
 from serving.generation import start_all
-from serving.schemas import parse_chat
 from serving.sse import sse_response
 
 blueprint = Blueprint("chat", __name__)

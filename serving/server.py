@@ -19,7 +19,8 @@ def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> C
     that on shutdown the port stops accepting connections at once.
     """
     config = Config()
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    bare = settings.host.strip("[]")
+    host = f"[{bare}]" if ":" in bare else bare
     config.bind = [f"fd://{sock.detach()}"] if sock is not None else [f"{host}:{settings.port}"]
     config.graceful_timeout = settings.graceful_timeout  # in-flight requests get this long after SIGTERM
     config.accesslog = None  # the app logs requests itself, without query strings or headers

@@ -7,9 +7,10 @@ import json
 import re
 from pathlib import Path
 
+from serving.chat_schemas import CHAT_FIELDS
 from serving.openapi import build_spec
 from serving.routes_tokenize import DETOKENIZE_FIELDS, TOKENIZE_FIELDS
-from serving.schemas import CHAT_FIELDS, COMPLETION_FIELDS
+from serving.schemas import COMPLETION_FIELDS
 from serving.settings import Settings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -25,15 +25,28 @@ from serving.settings import Settings
 LEGACY_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2jax-test" / "openai028"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    """A keyless server on the tiny model; checks /health is 503 until the warm-up ends, 200 after."""
+def batch_engine(model):
+    """The production engine, warmed up for the short prompts of these tests only (compiling is slow)."""
+    from serving.engine import BatchEngine
+
+    engine = BatchEngine.from_model(model, slots=8)
+    engine.warmup = lambda: BatchEngine.warmup(engine, buckets=(16, 32))
+    return engine
+
+
+@pytest.fixture(scope="module", params=["batch_engine", "fake_engine"])
+def server(request, tiny_checkpoint):
+    """A keyless server on the tiny model; checks /health is 503 until the warm-up ends, 200 after.
+
+    Every test runs on the production engine and on FakeEngine (the same answers by a simpler route).
+    """
     settings = Settings(max_n=4, max_tokens=64)
     registry = registry_for([Path(tiny_checkpoint)], settings)
-    gate = threading.Event()
+    gate, loaded = threading.Event(), []
 
     def build(model, _settings):
-        engine = FakeEngine(model)
+        loaded.append(model)  # to compare with the model's own score()
+        engine = batch_engine(model) if request.param == "batch_engine" else FakeEngine(model)
         warmup = engine.warmup
         engine.warmup = lambda: (gate.wait(60), warmup())
         return engine
@@ -46,7 +59,7 @@ def server(tiny_checkpoint):
         gate.set()
         srv.wait_for(lambda: srv.get("/health")[0] == 200, 120, "/health 200")
         srv.name = next(iter(registry.models))
-        srv.model = registry.models[srv.name].engine.model
+        srv.model = loaded[0]
         yield srv
     finally:
         gate.set()

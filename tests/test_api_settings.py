@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from serving import loading
 from serving.__main__ import exposure_warning
 from serving.loading import NoModelError, discover_models, registry_for
 from serving.registry import ModelRegistry, ServedModel, default_aliases
@@ -77,9 +78,13 @@ def test_exposure_warning():
     assert exposure_warning(Settings()) is None
 
 
-def test_discovery(tmp_path, tiny_checkpoint):
+def test_discovery(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(loading, "SHIPPED_DIR", tmp_path / "shipped")
     with pytest.raises(NoModelError, match="download_model.py 117M"):
         discover_models(Settings(models_dir=str(tmp_path)))
+    (tmp_path / "shipped").mkdir()
+    os.symlink(tiny_checkpoint, tmp_path / "shipped" / "pydoc-tiny")
+    assert [p.name for p in discover_models(Settings(models_dir=str(tmp_path)))] == ["pydoc-tiny"]
     (tmp_path / "notes").mkdir()
     os.symlink(tiny_checkpoint, tmp_path / "117M")
     assert [p.name for p in discover_models(Settings(models_dir=str(tmp_path)))] == ["117M"]
@@ -104,7 +109,8 @@ def test_legacy_names_follow_size():
 
 
 def test_command_line_without_a_model(tmp_path):
-    env = {**os.environ, "MODELS_DIR": str(tmp_path / "empty"), "JAX_PLATFORMS": "cpu"}
+    # MODELS names a model that is not there (with MODELS unset, the repo's shipped model would be served).
+    env = {**os.environ, "MODELS": "117M", "MODELS_DIR": str(tmp_path / "empty"), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-m", "serving"], env=env, capture_output=True, text=True, timeout=120
     )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from serving.chat_schemas import parse_chat
 from serving.errors import APIError
 from serving.fields import coerce_query
-from serving.schemas import COMPLETION_FIELDS, parse_chat, parse_completion, parse_prompt, parse_stop
+from serving.schemas import COMPLETION_FIELDS, parse_completion, parse_prompt, parse_stop
 from serving.settings import Settings
 
 S = Settings(max_tokens=100, max_n=4)
