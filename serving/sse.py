@@ -9,7 +9,8 @@ from typing import Any
 
 from quart import Response
 
-from serving.errors import APIError, internal_error
+from serving.engine_api import EngineError, EngineOverloaded
+from serving.errors import APIError, from_engine_error, internal_error
 
 log = logging.getLogger("serving")
 
@@ -27,6 +28,8 @@ async def _events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
     except APIError as e:
         # The status line is long gone: the error travels in the stream, which clients raise on.
         yield encode(e.body())
+    except (EngineError, EngineOverloaded) as e:
+        yield encode(from_engine_error(e).body())
     except Exception:
         log.exception("error while streaming")
         yield encode(internal_error().body())

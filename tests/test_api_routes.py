@@ -189,14 +189,21 @@ def test_stream_chunks(app, engine):
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
-def test_error_after_the_stream_started_is_a_last_event(app, engine):
-    engine.fail_after_first = RuntimeError("device on fire at 0xdeadbeef")
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (RuntimeError("device on fire at 0xdeadbeef"), "server_error"),
+        (EngineError("out of room"), "invalid_request_error"),
+    ],
+)
+def test_error_after_the_stream_started_is_a_last_event(app, engine, error, kind):
+    engine.fail_after_first = error
     status, _, text = call(
         app, "POST", "/v1/completions", json={"model": "tiny", "prompt": "Hi", "stream": True}
     )
     events = sse_payloads(text)
     assert status == 200 and events[-1] == "[DONE]"
-    assert events[-2]["error"]["type"] == "server_error" and "deadbeef" not in text
+    assert events[-2]["error"]["type"] == kind and "deadbeef" not in text
 
 
 @pytest.mark.parametrize(
