@@ -55,6 +55,7 @@ def tokenize_prompts(req: CompletionRequest, engine: Engine, *, truncate: bool) 
 
 
 async def start(engine: Engine, req: CompletionRequest, jobs: Sequence[PromptJob]) -> list[Primed]:
+    """One engine request per prompt, all started (see generation.start_all)."""
     for token, _ in req.sampling.logit_bias:
         check_token_ids(engine, [token], "logit_bias")
     echo_logprobs = req.echo and req.logprobs is not None
@@ -75,7 +76,7 @@ async def start(engine: Engine, req: CompletionRequest, jobs: Sequence[PromptJob
 
 def legacy_logprobs(
     tok: GPT2Tokenizer, entries: Sequence[TokenLogprob], start: int, before: Sequence[int] = ()
-):
+) -> dict[str, Any]:
     """OpenAI's legacy logprobs object; `before` are ids already sent (for the offsets of a stream)."""
     ids = [*before, *(t.token for t in entries)]
     offsets = tok.text_offsets(ids, start)[len(before) :]
