@@ -114,6 +114,7 @@ class BatchEngine:
         max_queue: int = 64,
         queue_timeout: float = 30.0,
         devices: Sequence[jax.Device] | None = None,
+        min_window: int = 128,
     ) -> None:
         devices = list(devices if devices is not None else jax.local_devices())
         self.name = name
@@ -126,12 +127,16 @@ class BatchEngine:
         self.queue_timeout = queue_timeout
         self.buckets = tuple(sorted({bucket(n, config.n_ctx) for n in _powers_of_two(config.n_ctx)}))
         self.metrics = EngineMetrics(lambda: self.queue_length, lambda: self.busy_slots, self.slots)
-        self._programs = SlotPrograms(config, params, dtype, self.slots, chunk_size, devices)
+        self._programs = SlotPrograms(config, params, dtype, self.slots, chunk_size, devices, min_window)
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._seats: list[_Seat | None] = [None] * self.slots
         self._free = list(range(self.slots))  # a heap: the lowest free slot first
         self._busy = 0
+        # Per slot: cache positions its row has reached with the steps dispatched so far, and the most it
+        # can reach (prompt + max_tokens): they pick the decode window.
+        self._reach = np.zeros(self.slots, np.int64)
+        self._limit = np.zeros(self.slots, np.int64)
         self._inflight = 0  # dispatched device outputs not yet read
         self._state = None
         self._thread: threading.Thread | None = None
@@ -342,6 +347,7 @@ class BatchEngine:
             slot = heapq.heappop(self._free)
             self._seats[slot] = seat = _Seat(slot, job, choice)
             self._busy += 1
+            self._reach[slot], self._limit[slot] = len(r.prompt), len(r.prompt) + r.max_tokens
             row = make_row(
                 len(r.prompt),
                 r.max_tokens,
@@ -365,7 +371,9 @@ class BatchEngine:
         if self._busy == 0:
             return False
         active = np.array([s is not None for s in self._seats])
-        self._state, out = self._programs.decode(self._state, active)
+        self._reach = np.where(active, np.minimum(self._reach + self.chunk_size, self._limit), self._reach)
+        window = self._programs.window_for(int(self._reach[active].max()))
+        self._state, out = self._programs.decode(self._state, active, window)
         _copy_to_host_async(out)
         pending.append(_Dispatched(out, list(self._seats), time.perf_counter(), True))
         self._inflight = len(pending)

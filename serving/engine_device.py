@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -131,6 +132,17 @@ def _live_params(sp: sampling.SamplingParams, done: jax.Array) -> sampling.Sampl
     )
 
 
+def _window(cache: KVCache, window: int) -> KVCache:
+    return tuple((k[:, :, :window], v[:, :, :window]) for k, v in cache)
+
+
+def _windows(smallest: int, n_ctx: int) -> tuple[int, ...]:
+    out = [n_ctx]
+    while out[-1] // 2 >= smallest:
+        out.append(out[-1] // 2)
+    return tuple(sorted(out))
+
+
 def _put_row(dst: jax.Array, src: jax.Array, at: jax.Array, mine: jax.Array) -> jax.Array:
     """Writes src [1, ...] at row `at` of dst [S, ...] (from index 0 of the other axes) if `mine`."""
     start = (at,) + (0,) * (dst.ndim - 1)
@@ -149,11 +161,16 @@ class SlotPrograms:
         slots: int,
         chunk_size: int,
         devices: Sequence[jax.Device] | None = None,
+        min_window: int = 128,
     ) -> None:
         devices = list(devices if devices is not None else jax.local_devices())
         if slots % len(devices):
             raise ValueError(f"slots ({slots}) must be a multiple of the device count ({len(devices)})")
         self.config, self.dtype, self.slots, self.chunk_size = config, dtype, slots, chunk_size
+        # Decode attends over a window of the cache (the first `window` positions), compiled for each
+        # power of two from min_window up to n_ctx: while every live row is short, a step reads a
+        # fraction of the [slots, n_ctx] cache instead of all of it.
+        self.windows = _windows(min(min_window, config.n_ctx), config.n_ctx)
         self.mesh = Mesh(np.array(devices), (AXIS,))
         self.replicated = NamedSharding(self.mesh, P())
         self.by_slot = NamedSharding(self.mesh, P(AXIS))
@@ -176,16 +193,18 @@ class SlotPrograms:
         self._insert = jax.jit(
             insert, in_shardings=(rows, rep, rep, rep), out_shardings=rows, donate_argnums=0
         )
-        decode = jax.shard_map(
-            self._decode_local,
-            mesh=self.mesh,
-            in_specs=(P(), P(AXIS), P(AXIS)),
-            out_specs=(P(AXIS), P(None, AXIS)),
-            check_vma=False,  # sampling's lax.conds mix per-device and constant values
-        )
-        self._decode = jax.jit(
-            decode, in_shardings=(rep, rows, rows), out_shardings=(rows, steps), donate_argnums=1
-        )
+        self._decode = {}
+        for window in self.windows:
+            decode = jax.shard_map(
+                partial(self._decode_local, window=window),
+                mesh=self.mesh,
+                in_specs=(P(), P(AXIS), P(AXIS)),
+                out_specs=(P(AXIS), P(None, AXIS)),
+                check_vma=False,  # sampling's lax.conds mix per-device and constant values
+            )
+            self._decode[window] = jax.jit(
+                decode, in_shardings=(rep, rows, rows), out_shardings=(rows, steps), donate_argnums=1
+            )
 
     # ---- jitted bodies ----
 
@@ -259,10 +278,15 @@ class SlotPrograms:
         return rest._replace(cache=cache)
 
     def _decode_local(
-        self, params: Any, state: SlotState, active: jax.Array
+        self, params: Any, state: SlotState, active: jax.Array, window: int
     ) -> tuple[SlotState, sampling.SampleOutput]:
-        """`chunk_size` steps for this device's slots; per-step outputs [chunk, S_local], token -1 when done."""
-        state = state._replace(done=state.done | ~active)
+        """`chunk_size` steps for this device's slots; per-step outputs [chunk, S_local], token -1 when done.
+
+        Live rows must stay below position `window` (done rows may be anywhere: a write beyond the
+        window is dropped and their outputs are ignored).
+        """
+        full = state.cache
+        state = state._replace(done=state.done | ~active, cache=_window(full, window))
 
         def one_step(state: SlotState, _):
             logits, cache = forward(
@@ -274,7 +298,17 @@ class SlotPrograms:
             emitted = out._replace(token=jnp.where(state.done, -1, out.token))
             return _advance(state._replace(cache=cache), out, self.config.n_ctx), emitted
 
-        return jax.lax.scan(one_step, state, None, length=self.chunk_size)
+        state, outs = jax.lax.scan(one_step, state, None, length=self.chunk_size)
+        if window < self.config.n_ctx:
+            cache = tuple(
+                (
+                    jax.lax.dynamic_update_slice(k, wk, (0, 0, 0, 0)),
+                    jax.lax.dynamic_update_slice(v, wv, (0, 0, 0, 0)),
+                )
+                for (k, v), (wk, wv) in zip(full, state.cache, strict=True)
+            )
+            state = state._replace(cache=cache)
+        return state, outs
 
     # ---- host side ----
 
@@ -297,9 +331,19 @@ class SlotPrograms:
         row_state, first = self._first(pre.logits, row)
         return self._insert(state, pre.cache, row_state, slot), first
 
-    def decode(self, state: SlotState, active: np.ndarray) -> tuple[SlotState, sampling.SampleOutput]:
-        """One chunk of steps for all slots (donating `state`); rows with active False are ended first."""
-        return self._decode(self.params, state, jax.device_put(active, self.by_slot))
+    def window_for(self, end: int) -> int:
+        """The smallest compiled window holding positions < end."""
+        return next((w for w in self.windows if w >= end), self.windows[-1])
+
+    def decode(
+        self, state: SlotState, active: np.ndarray, window: int | None = None
+    ) -> tuple[SlotState, sampling.SampleOutput]:
+        """One chunk of steps for all slots (donating `state`); rows with active False are ended first.
+
+        window: a compiled window (see `window_for`) above every position a live row reaches in the chunk.
+        """
+        decode = self._decode[window or self.windows[-1]]
+        return decode(self.params, state, jax.device_put(active, self.by_slot))
 
     def compile(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> None:
         """Compiles prefill and insert for each bucket, first-token sampling and decode; runs nothing.
@@ -327,4 +371,5 @@ class SlotPrograms:
                 self._prefill[s].lower(params, tokens, length).compile()
             kv = like(jax.eval_shape(self._prefill[False], params, tokens, length).cache, rep)
             self._insert.lower(state, kv, row_state, slot).compile()
-        self._decode.lower(params, state, like(np.zeros(self.slots, bool), rows)).compile()
+        for window in self.windows:
+            self._decode[window].lower(params, state, like(np.zeros(self.slots, bool), rows)).compile()

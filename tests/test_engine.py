@@ -113,7 +113,8 @@ async def run_batched(engine: BatchEngine, requests: list[GenerationRequest]) ->
 
 
 def make_engine(lm, **options) -> BatchEngine:
-    return BatchEngine.from_model(lm, slots=SLOTS, chunk_size=CHUNK, **options)
+    # min_window 32: decode windows 32, 64 and 128 (n_ctx), so the mixed workload switches between them.
+    return BatchEngine.from_model(lm, slots=SLOTS, chunk_size=CHUNK, min_window=32, **options)
 
 
 # ---- the shared engine ----
@@ -156,8 +157,19 @@ def mixed(lm, engine, compiles):
     """The mixed workload, batched and one at a time (and how many compilations the runs needed)."""
     requests = mixed_requests(lm.tokenizer)
     before = len(compiles)
-    batched = asyncio.run(run_batched(engine, requests))
-    alone = [asyncio.run(collect(engine, r)) for r in requests]
+    real, windows = engine._programs.decode, set()
+
+    def spy(state, active, window):
+        windows.add(window)
+        return real(state, active, window)
+
+    engine._programs.decode = spy
+    try:
+        batched = asyncio.run(run_batched(engine, requests))
+        alone = [asyncio.run(collect(engine, r)) for r in requests]
+    finally:
+        del engine._programs.decode
+    assert windows == {32, 64, 128}, windows  # short rows decode over a part of the cache
     return requests, batched, alone, len(compiles) - before
 
 
@@ -250,9 +262,9 @@ def slow_decode(engine: BatchEngine, monkeypatch, seconds: float) -> None:
     """Makes every decode call take at least `seconds` (the device stays busy long enough to test queues)."""
     real = engine._programs.decode
 
-    def slow(state, active):
+    def slow(*args):
         time.sleep(seconds)
-        return real(state, active)
+        return real(*args)
 
     monkeypatch.setattr(engine._programs, "decode", slow)
 
@@ -356,11 +368,11 @@ def test_errors_fail_the_affected_requests_and_the_engine_keeps_serving(lm, engi
     real = engine._programs.decode
     calls = []
 
-    def fails_once(state, active):
+    def fails_once(*args):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("injected device failure")
-        return real(state, active)
+        return real(*args)
 
     monkeypatch.setattr(engine._programs, "decode", fails_once)
     request = GenerationRequest(prompt=tuple(lm.tokenizer.encode("x = 1")), max_tokens=10, temperature=0)
