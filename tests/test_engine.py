@@ -157,18 +157,18 @@ def mixed(lm, engine, compiles):
     """The mixed workload, batched and one at a time (and how many compilations the runs needed)."""
     requests = mixed_requests(lm.tokenizer)
     before = len(compiles)
-    real, windows = engine._programs.decode, set()
+    real, windows = engine.programs.decode, set()
 
     def spy(state, active, window):
         windows.add(window)
         return real(state, active, window)
 
-    engine._programs.decode = spy
+    engine.programs.decode = spy
     try:
         batched = asyncio.run(run_batched(engine, requests))
         alone = [asyncio.run(collect(engine, r)) for r in requests]
     finally:
-        del engine._programs.decode
+        del engine.programs.decode
     assert windows == {32, 64, 128}, windows  # short rows decode over a part of the cache
     return requests, batched, alone, len(compiles) - before
 
@@ -260,13 +260,13 @@ def main(checkpoint: str, cache_dir: str) -> None:
 
 def slow_decode(engine: BatchEngine, monkeypatch, seconds: float) -> None:
     """Makes every decode call take at least `seconds` (the device stays busy long enough to test queues)."""
-    real = engine._programs.decode
+    real = engine.programs.decode
 
     def slow(*args):
         time.sleep(seconds)
         return real(*args)
 
-    monkeypatch.setattr(engine._programs, "decode", slow)
+    monkeypatch.setattr(engine.programs, "decode", slow)
 
 
 def long_request(lm, **kw) -> GenerationRequest:
@@ -360,12 +360,12 @@ def test_many_requests_with_random_cancellations_leak_nothing(lm, engine, monkey
 
     asyncio.run(go())
     assert engine.wait_idle(timeout=10)
-    assert sorted(engine._free) == list(range(SLOTS))
-    assert all(s is None for s in engine._seats)
+    assert sorted(engine.worker.free) == list(range(SLOTS))
+    assert all(s is None for s in engine.worker.seats)
 
 
 def test_errors_fail_the_affected_requests_and_the_engine_keeps_serving(lm, engine, monkeypatch):
-    real = engine._programs.decode
+    real = engine.programs.decode
     calls = []
 
     def fails_once(*args):
@@ -374,7 +374,7 @@ def test_errors_fail_the_affected_requests_and_the_engine_keeps_serving(lm, engi
             raise RuntimeError("injected device failure")
         return real(*args)
 
-    monkeypatch.setattr(engine._programs, "decode", fails_once)
+    monkeypatch.setattr(engine.programs, "decode", fails_once)
     request = GenerationRequest(prompt=tuple(lm.tokenizer.encode("x = 1")), max_tokens=10, temperature=0)
     with pytest.raises(EngineFault, match="injected"):
         asyncio.run(collect(engine, request))

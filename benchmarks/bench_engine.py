@@ -1,0 +1,202 @@
+"""The batching engine under load: 16 concurrent requests vs the same requests one after another, and HF.
+
+A 124M-shaped model with random GPT-2-initialised fp32 weights on the CPU (no download) and a synthetic
+50257-token byte-level vocabulary. Each request: 32 random prompt tokens, 64 new tokens, greedy, end-of-text
+ignored (so every request makes exactly its 64 tokens). Compared, side by side in one run:
+- the engine with 16 concurrent requests (default slots and chunk size, or --slots / --chunk);
+- the same requests one after another through a 1-slot engine (a server that does not batch; only the
+  first --sequential of them are run and the rate is per token, so it is extrapolated);
+- HF transformers' PyTorch `generate` on the same weights at batch 8 (two batches for 16 requests).
+Time to first token (TTFT) is from a request's submission to its first event with text.
+
+    python benchmarks/bench_engine.py              # the comparison, a few minutes
+    python benchmarks/bench_engine.py --sweep      # tok/s and TTFT for a few slots x chunk settings
+
+To reuse (e.g. over HTTP): `drive(stream, requests, concurrency)` times any async
+`stream(request) -> AsyncIterator[Event]` and returns a `LoadResult`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import gpt2_124m, hf_model, machine, random_params  # noqa: E402
+from gpt2jax.tokenizer import GPT2Tokenizer, bytes_to_unicode  # noqa: E402
+from serving.engine import BatchEngine  # noqa: E402
+from serving.engine_api import Event, GenerationRequest  # noqa: E402
+
+Stream = Callable[[GenerationRequest], AsyncIterator[Event]]
+
+
+@dataclasses.dataclass
+class LoadResult:
+    tokens: int  # completion tokens received
+    seconds: float  # wall time of the whole run
+    ttft: list[float]  # per request, seconds
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def ttft_ms(self, q: float) -> float:
+        return float(np.percentile(self.ttft, q)) * 1000 if self.ttft else float("nan")
+
+
+async def drive(stream: Stream, requests: list[GenerationRequest], concurrency: int) -> LoadResult:
+    """Runs `requests` with at most `concurrency` in flight (a new one starts as soon as one ends)."""
+    gate = asyncio.Semaphore(concurrency)
+    ttft: list[float] = []
+    tokens = 0
+
+    async def one(r: GenerationRequest) -> None:
+        nonlocal tokens
+        async with gate:
+            t0, first = time.perf_counter(), True
+            async for ev in stream(r):
+                if first and (ev.text or ev.tokens):
+                    ttft.append(time.perf_counter() - t0)
+                    first = False
+                tokens += ev.completion_tokens
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one(r) for r in requests))
+    return LoadResult(tokens, time.perf_counter() - t, ttft)
+
+
+def make_requests(n: int, prompt_tokens: int, new_tokens: int, n_vocab: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    return [
+        GenerationRequest(
+            prompt=tuple(int(t) for t in rng.integers(0, n_vocab - 1, prompt_tokens)),
+            max_tokens=new_tokens,
+            temperature=0.0,
+            stop_at_eos=False,
+        )
+        for _ in range(n)
+    ]
+
+
+def synthetic_tokenizer(n_vocab: int) -> GPT2Tokenizer:
+    """A byte-level vocabulary of n_vocab ids (256 bytes, then made-up words, then <|endoftext|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    for i in range(len(vocab), n_vocab - 1):
+        vocab[f"w{i}"] = i
+    vocab["<|endoftext|>"] = n_vocab - 1
+    tok = Tokenizer(models.BPE(vocab, [], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return GPT2Tokenizer(tok)
+
+
+def engine_load(engine: BatchEngine, requests: list, concurrency: int) -> LoadResult:
+    """Warms the engine's programs for these shapes with one request, then runs the load."""
+    engine.start()
+    asyncio.run(drive(engine.generate, requests[:1], 1))
+    return asyncio.run(drive(engine.generate, requests, concurrency))
+
+
+def hf_load(model, requests: list, batch: int) -> LoadResult:
+    import torch
+
+    def run(rs: list) -> int:
+        toks = torch.tensor([r.prompt for r in rs])
+        with torch.inference_mode():
+            out = model.generate(
+                toks,
+                attention_mask=torch.ones_like(toks),
+                do_sample=False,
+                max_new_tokens=rs[0].max_tokens,
+                min_new_tokens=rs[0].max_tokens,
+                pad_token_id=0,
+            )
+        return (out.shape[1] - toks.shape[1]) * len(rs)
+
+    run(requests[:batch])  # warm-up
+    t, tokens = time.perf_counter(), 0
+    for i in range(0, len(requests), batch):
+        tokens += run(requests[i : i + batch])
+    return LoadResult(tokens, time.perf_counter() - t, [])
+
+
+def compare(args, config, params, tokenizer) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    requests = make_requests(args.requests, args.prompt_tokens, args.new_tokens, config.n_vocab)
+    options = {k: v for k, v in dict(slots=args.slots, chunk_size=args.chunk).items() if v}
+    batched = BatchEngine(config, params, tokenizer, name="batched", **options)
+    rows = {f"engine, {args.requests} concurrent": engine_load(batched, requests, args.requests)}
+    batched.stop()
+    single = BatchEngine(config, params, tokenizer, name="single", slots=1, chunk_size=batched.chunk_size)
+    rows["engine, one after another (1 slot)"] = engine_load(single, requests[: args.sequential], 1)
+    single.stop()
+    rows[f"HF transformers generate, batch {args.hf_batch}"] = hf_load(
+        hf_model(config, params), requests, args.hf_batch
+    )
+
+    base = rows["engine, one after another (1 slot)"].tok_per_s
+    hf = rows[f"HF transformers generate, batch {args.hf_batch}"].tok_per_s
+    print(f"\nEngine load, GPT-2 124M shapes, fp32 random weights, {args.prompt_tokens}-token prompts + ")
+    print(f"{args.new_tokens} new tokens, greedy; engine slots {batched.slots}, chunk {batched.chunk_size}; ")
+    print(f"torch threads {args.threads}; {machine()}\n")
+    print("| run | tok/s | vs one after another | vs HF | TTFT p50 ms | TTFT p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r.tok_per_s:.1f} | {r.tok_per_s / base:.2f}x | {r.tok_per_s / hf:.2f}x "
+            f"| {r.ttft_ms(50):.0f} | {r.ttft_ms(99):.0f} |"
+        )
+
+
+def sweep(args, config, params, tokenizer) -> None:
+    """Each setting: 2 x slots requests, `slots` at a time, so that half arrive while others decode."""
+    settings = [(16, 2), (16, 4), (16, 8), (16, 16), (8, 8), (32, 8)]
+    print(f"\nSweep, GPT-2 124M shapes, fp32, {args.prompt_tokens}+{args.new_tokens} tokens; {machine()}\n")
+    print("| slots | chunk | tok/s | TTFT p50 ms | TTFT p99 ms | mean step ms |")
+    print("|---|---|---|---|---|---|")
+    for slots, chunk in settings:
+        requests = make_requests(2 * slots, args.prompt_tokens, args.new_tokens, config.n_vocab, seed=slots)
+        engine = BatchEngine(config, params, tokenizer, name="sweep", slots=slots, chunk_size=chunk)
+        r = engine_load(engine, requests, slots)
+        engine.stop()
+        h = engine.metrics.step_time
+        step = h.sum / max(h.count, 1) / chunk * 1000
+        print(
+            f"| {slots} | {chunk} | {r.tok_per_s:.1f} | {r.ttft_ms(50):.0f} | {r.ttft_ms(99):.0f} | {step:.1f} |"
+        )
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--sequential", type=int, default=4, help="requests timed one after another")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--slots", type=int, default=None, help="default: the engine's default")
+    ap.add_argument("--chunk", type=int, default=None, help="default: the engine's default")
+    ap.add_argument("--hf-batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--sweep", action="store_true", help="measure slots x chunk settings instead")
+    args = ap.parse_args(argv)
+
+    config = gpt2_124m()
+    params = random_params(config)
+    tokenizer = synthetic_tokenizer(config.n_vocab)
+    (sweep if args.sweep else compare)(args, config, params, tokenizer)
+
+
+if __name__ == "__main__":
+    main()

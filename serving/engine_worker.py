@@ -1,0 +1,334 @@
+"""The engine's worker thread: the waiting queue, the slot table and the loop that drives the device.
+
+Each turn of the loop: free the slots of cancelled jobs and refuse jobs that waited too long; admit
+waiting jobs into free slots (prefill, insert); dispatch one decode chunk for all slots; then read the
+outputs dispatched before it (JAX dispatches asynchronously, so the device is already busy with the new
+chunk while the host turns the previous one into events). Slots of finished choices are freed at once on
+the host; the next chunk tells the device (its `active` mask).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import numpy as np
+
+from gpt2jax.lm import derive_seed
+from gpt2jax.sampler import bucket
+from gpt2jax.sampling import NUM_TOP_LOGPROBS, SampleOutput
+from serving.engine_api import EngineOverloaded
+from serving.engine_choice import ChoiceStream
+from serving.engine_device import SlotPrograms, make_row
+from serving.engine_job import Job
+
+if TYPE_CHECKING:
+    from serving.engine import BatchEngine
+
+log = logging.getLogger("serving.engine")
+
+
+class EngineFault(RuntimeError):
+    """An internal error (e.g. a failed device call) ended the request; the engine keeps serving."""
+
+
+class _Seat(NamedTuple):
+    slot: int
+    job: Job
+    choice: ChoiceStream
+
+
+class _Dispatched(NamedTuple):
+    """Device outputs not yet read: [T, W] tokens for the W seats in `seats`."""
+
+    out: SampleOutput
+    seats: list[_Seat | None]
+    dispatched: float
+    is_chunk: bool  # a decode chunk (else a slot's first token from insert)
+
+
+class SlotWorker:
+    """Owns the decode slots and the device state of one engine, and the thread that moves them.
+
+    Settings (name, chunk_size, max_queue, queue_timeout, metrics) are read from the engine at use.
+    """
+
+    def __init__(self, engine: BatchEngine, programs: SlotPrograms) -> None:
+        self.engine = engine
+        self.programs = programs
+        slots = programs.slots
+        self.cv = threading.Condition()  # guards `waiting` and the run flags
+        self.waiting: deque[Job] = deque()
+        self.accepting, self.stopping, self.drain = True, False, True
+        self.seats: list[_Seat | None] = [None] * slots
+        self.free = list(range(slots))  # a heap: the lowest free slot first
+        self.busy = 0
+        # Per slot: cache positions its row reaches with the steps dispatched so far, and the most it can
+        # reach (prompt + max_tokens): they pick the decode window.
+        self._reach = np.zeros(slots, np.int64)
+        self._limit = np.zeros(slots, np.int64)
+        self._inflight = 0  # dispatched device outputs not yet read
+        self._state = None
+        self._thread: threading.Thread | None = None
+        self._last_ready = 0.0
+
+    # ---- called from other threads ----
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        with self.cv:
+            if self.running:
+                return
+            if self._state is None:
+                self._state = self.programs.init_state()
+            self.accepting, self.stopping = True, False
+            self._thread = threading.Thread(target=self._run, name=f"engine-{self.engine.name}", daemon=True)
+            self._thread.start()
+
+    def stop(self, drain: bool, timeout: float | None) -> None:
+        with self.cv:
+            self.accepting, self.stopping, self.drain = False, True, drain
+            self.cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        """Queues a job, or raises EngineOverloaded (stopping, or the queue is full)."""
+        e = self.engine
+        with self.cv:
+            if not self.accepting:
+                e.metrics.requests_refused += 1
+                raise EngineOverloaded(f"model {e.name} is shutting down")
+            if len(self.waiting) >= e.max_queue:
+                e.metrics.requests_refused += 1
+                raise EngineOverloaded(f"model {e.name} is overloaded: {len(self.waiting)} requests waiting")
+            self.waiting.append(job)
+            self.cv.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The consumer is gone: the job's slots are freed at the next chunk boundary."""
+        job.cancelled = True
+        with self.cv:
+            self.cv.notify_all()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self.cv:
+            return self.cv.wait_for(self._idle, timeout)
+
+    # ---- the loop ----
+
+    def _idle(self) -> bool:
+        return not self.waiting and self.busy == 0 and self._inflight == 0
+
+    def _run(self) -> None:
+        pending: deque[_Dispatched] = deque()
+        while True:
+            with self.cv:
+                self.cv.notify_all()  # wake wait_idle()
+                self.cv.wait_for(lambda: not self._idle() or self.stopping)
+                if self.stopping and (not self.drain or self._idle()):
+                    break
+            try:
+                self._reap()
+                self._admit(pending)
+                dispatched = self._dispatch_decode(pending)
+                while len(pending) > dispatched:  # keep the newest chunk running while reading the rest
+                    self._process(pending.popleft())
+                    self._inflight = len(pending)
+            except Exception as exc:
+                self._recover(exc, pending)
+        self._shutdown(pending)
+
+    def _reap(self) -> None:
+        """Frees the slots of cancelled jobs; drops cancelled waiting jobs; refuses jobs waiting too long."""
+        for seat in self.seats:
+            if seat is not None and seat.job.cancelled:
+                seat.choice.cancel()
+                self._release(seat.slot)
+        e, now = self.engine, time.monotonic()
+        with self.cv:
+            keep = deque()
+            for job in self.waiting:
+                if job.cancelled:
+                    continue
+                if now - job.submitted > e.queue_timeout:
+                    e.metrics.requests_refused += 1
+                    job.fail(
+                        EngineOverloaded(
+                            f"model {e.name} is overloaded: no slot within {e.queue_timeout:g} s"
+                        )
+                    )
+                    continue
+                keep.append(job)
+            self.waiting = keep
+
+    def _admit(self, pending: deque[_Dispatched]) -> None:
+        """Starts waiting jobs, oldest first, while their choices fit in the free slots."""
+        while True:
+            with self.cv:
+                if not self.waiting or self.waiting[0].slots_needed > len(self.free):
+                    return
+                job = self.waiting.popleft()
+            if not job.cancelled:
+                self._start_job(job, pending)
+
+    def _start_job(self, job: Job, pending: deque[_Dispatched]) -> None:
+        """Prefills the prompt once, then inserts it into one slot per choice, each with its own seed."""
+        r, config = job.request, self.engine.config
+        try:
+            pre = self.programs.prefill(r.prompt, bucket(len(r.prompt), config.n_ctx), r.echo_logprobs)
+            if r.echo_logprobs:
+                job.set_prompt_scores(*(np.asarray(a)[0, : len(r.prompt)] for a in pre.scores))
+        except Exception as exc:  # the prefill touches no slot: only this job fails
+            log.exception("prefill failed")
+            self._fail(job, exc)
+            return
+        if r.max_tokens == 0:  # scoring only: no slot
+            for c in job.choices:
+                c.finish_reason = "length"
+            self._flush(job)
+            return
+        seed = r.seed if r.seed is not None else secrets.randbits(63)
+        eos = config.eos_token_id if r.stop_at_eos else -1
+        for choice in job.choices:
+            slot = heapq.heappop(self.free)
+            self.seats[slot] = seat = _Seat(slot, job, choice)
+            self.busy += 1
+            self._reach[slot], self._limit[slot] = len(r.prompt), len(r.prompt) + r.max_tokens
+            row = make_row(
+                len(r.prompt),
+                r.max_tokens,
+                eos,
+                bool(r.logprobs),
+                config.n_vocab,
+                temperature=r.temperature,
+                top_k=r.top_k,
+                top_p=r.top_p,
+                presence_penalty=r.presence_penalty,
+                frequency_penalty=r.frequency_penalty,
+                logit_bias=dict(r.logit_bias),
+                seed=derive_seed(seed, choice.index),
+            )
+            self._state, first = self.programs.insert(self._state, pre, slot, row)
+            _copy_to_host_async(first)
+            pending.append(_Dispatched(first, [seat], time.perf_counter(), False))
+            self._inflight = len(pending)
+
+    def _dispatch_decode(self, pending: deque[_Dispatched]) -> bool:
+        if self.busy == 0:
+            return False
+        active = np.array([s is not None for s in self.seats])
+        step = self.engine.chunk_size
+        self._reach = np.where(active, np.minimum(self._reach + step, self._limit), self._reach)
+        window = self.programs.window_for(int(self._reach[active].max()))
+        self._state, out = self.programs.decode(self._state, active, window)
+        _copy_to_host_async(out)
+        pending.append(_Dispatched(out, list(self.seats), time.perf_counter(), True))
+        self._inflight = len(pending)
+        return True
+
+    def _process(self, item: _Dispatched) -> None:
+        """Feeds read-back tokens to their choices, sends events, frees the slots of finished choices."""
+        metrics = self.engine.metrics
+        out = jax.device_get(item.out)
+        ready = time.perf_counter()
+        if item.is_chunk:  # device time: from its dispatch, or from the previous chunk's end if later
+            metrics.step_time.observe(ready - max(item.dispatched, self._last_ready))
+            self._last_ready = ready
+        W, K = len(item.seats), NUM_TOP_LOGPROBS
+        tokens, logprobs = out.token.reshape(-1, W), out.logprob.reshape(-1, W)
+        top_tokens, top_logprobs = out.top_tokens.reshape(-1, W, K), out.top_logprobs.reshape(-1, W, K)
+        touched: dict[int, Job] = {}
+        for w, seat in enumerate(item.seats):
+            if seat is None or seat.choice.finished or seat.job.done:
+                continue
+            job, choice = seat.job, seat.choice
+            try:
+                for t in range(tokens.shape[0]):
+                    if tokens[t, w] < 0:  # the device ended the row: cannot happen before the host did
+                        choice.finish_reason = choice.finish_reason or "length"
+                        break
+                    choice.push(int(tokens[t, w]), logprobs[t, w], top_tokens[t, w], top_logprobs[t, w])
+                    metrics.tokens_generated += 1
+                    if choice.finished:
+                        break
+            except Exception as exc:  # a host-side bug for this job only
+                log.exception("processing tokens failed")
+                self._fail(job, exc)
+                continue
+            if choice.finished:
+                self._release(seat.slot)
+            touched[id(job)] = job
+        for job in touched.values():
+            self._flush(job)
+
+    def _flush(self, job: Job) -> None:
+        metrics = self.engine.metrics
+        if job.first_token_at is None and any(c.generated for c in job.choices):
+            job.first_token_at = time.monotonic()
+            metrics.ttft.observe(job.first_token_at - job.submitted)
+        if job.flush():
+            metrics.requests_finished += 1
+
+    def _release(self, slot: int) -> None:
+        if self.seats[slot] is not None:
+            self.seats[slot] = None
+            heapq.heappush(self.free, slot)
+            self.busy -= 1
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        if not job.done:
+            error = exc
+            if not isinstance(exc, EngineFault | EngineOverloaded):
+                error = EngineFault(f"{self.engine.name}: {exc!r}")
+                error.__cause__ = exc
+            job.fail(error)
+            self.engine.metrics.requests_failed += 1
+        for seat in self.seats:
+            if seat is not None and seat.job is job:
+                self._release(seat.slot)
+
+    def _recover(self, exc: Exception, pending: deque[_Dispatched]) -> None:
+        """A device call failed: the donated state may be gone. Fail every running job, start afresh."""
+        log.exception("engine %s: device step failed; failing the running requests", self.engine.name)
+        jobs = {id(s.job): s.job for s in self.seats if s is not None}
+        jobs.update({id(s.job): s.job for item in pending for s in item.seats if s is not None})
+        pending.clear()
+        self._inflight = 0
+        for job in jobs.values():
+            self._fail(job, exc)
+        try:
+            self._state = self.programs.init_state()
+        except Exception:
+            log.exception("engine %s: cannot reallocate its state; stopping", self.engine.name)
+            with self.cv:
+                self.accepting, self.stopping, self.drain = False, True, False
+
+    def _shutdown(self, pending: deque[_Dispatched]) -> None:
+        """Ends what is left (only when not draining)."""
+        name = self.engine.name
+        for seat in self.seats:
+            if seat is not None:
+                self._fail(seat.job, EngineFault(f"model {name} was stopped"))
+        with self.cv:
+            for job in self.waiting:
+                job.fail(EngineOverloaded(f"model {name} is shutting down"))
+            self.waiting.clear()
+            pending.clear()
+            self._inflight = 0
+            self.cv.notify_all()
+
+
+def _copy_to_host_async(out: SampleOutput) -> None:
+    for a in out:
+        a.copy_to_host_async()
