@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,7 +40,7 @@ CHROMIUM_FLAGS = (
     "--window-size=1200,900",
 )
 API_KEY = "playground-test-key"
-WAIT_S = 60  # generous: CI machines are shared, and the first request compiles the model
+WAIT_S = 120  # generous: CI machines are shared
 
 
 # ---- the page and its assets, in process ----
@@ -92,6 +93,21 @@ needs_browser = pytest.mark.skipif(
 )
 
 
+def _post(base_url: str, body: dict, timeout: float = WAIT_S) -> dict:
+    """POST /v1/completions with the key, straight from Python."""
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    request = urllib.request.Request(base_url + "/v1/completions", json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _api_error(base_url: str, body: dict) -> str:
+    """The message of the error the API answers `body` with, asked directly."""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _post(base_url, body)
+    return json.loads(e.value.read())["error"]["message"]
+
+
 @pytest.fixture(scope="module")
 def live_server(tiny_checkpoint):
     """The production serve() on a free loopback port, with API keys, FakeEngine on the tiny model."""
@@ -104,6 +120,9 @@ def live_server(tiny_checkpoint):
     srv = ServerThread(settings, registry, lambda model, _settings: FakeEngine(model)).start()
     try:
         srv.wait_for(lambda: srv.get("/health")[0] == 200, 180, "/health 200")
+        # Compile what the page's requests use (logprobs, n) here, not while the browser waits.
+        body = {"model": next(iter(registry.models)), "prompt": "Hi", "max_tokens": 2, "n": 2, "logprobs": 3}
+        _post(srv.url, body, timeout=300)
         yield srv.url
     finally:
         assert srv.shutdown() == 0
@@ -135,9 +154,21 @@ def browser(tmp_path_factory):
 
 
 def _wait(driver, condition, message: str) -> None:
+    """Polls until condition(driver); on a timeout fails with what the page shows, and its screenshot."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(condition, message)
+    try:
+        WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(condition)
+    except TimeoutException:
+        shot = (
+            pathlib.Path(os.environ.get("ARTIFACTS_DIR") or tempfile.gettempdir()) / "playground-failure.png"
+        )
+        driver.save_screenshot(str(shot))
+        pytest.fail(
+            f"{message}; status line: {_status(driver)!r}; {_tokens(driver)} tokens shown; "
+            f"Generate enabled: {_by_id(driver, 'generate').is_enabled()}; screenshot: {shot}"
+        )
 
 
 def _by_id(driver, element_id: str):
@@ -238,15 +269,6 @@ def test_generate_streams_then_stop_cancels(browser, live_server, artifacts):
     finally:
         _network(browser)
     print(f"playground screenshots in {artifacts}")
-
-
-def _api_error(base_url: str, body: dict) -> str:
-    """The message of the error the API answers `body` with, asked directly."""
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
-    request = urllib.request.Request(base_url + "/v1/completions", json.dumps(body).encode(), headers)
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(request, timeout=WAIT_S)
-    return json.loads(e.value.read())["error"]["message"]
 
 
 @needs_browser
