@@ -452,6 +452,23 @@ def test_best_of_returns_the_choice_with_the_highest_mean_logprob(lm, engine):
     assert best[0].text == all3[int(np.argmax(means))].text
 
 
+def test_two_engines_serve_side_by_side(lm, engine, mixed):
+    """A second engine (another model would be the same) has its own slots, thread and metrics."""
+    other = BatchEngine.from_model(lm, name="other", slots=2, chunk_size=2)
+    requests, batched, _, _ = mixed
+    i = next(i for i, r in enumerate(requests) if r.temperature == 0 and r.n == 1)
+
+    async def both():
+        return await asyncio.gather(collect(engine, requests[i]), collect(other, requests[i]))
+
+    try:
+        a, b = asyncio.run(both())
+    finally:
+        other.stop()
+    assert a[0].text == b[0].text == batched[i][0].text  # slot count and chunk size change nothing
+    assert other.metrics.tokens_generated == b[0].completion_tokens
+
+
 def test_metrics(lm, engine, mixed):
     from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
