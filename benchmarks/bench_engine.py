@@ -10,7 +10,7 @@ ignored (so every request makes exactly its 64 tokens). Compared, side by side i
 Time to first token (TTFT) is from a request's submission to its first event with text.
 
     python benchmarks/bench_engine.py              # the comparison, a few minutes
-    python benchmarks/bench_engine.py --sweep      # tok/s and TTFT for a few slots x chunk settings
+    python benchmarks/bench_engine.py --sweep      # tok/s and TTFT for slots x chunk (--settings 16x8 ...)
 
 To reuse (e.g. over HTTP): `drive(stream, requests, concurrency)` times any async
 `stream(request) -> AsyncIterator[Event]` and returns a `LoadResult`.
@@ -161,22 +161,41 @@ def compare(args, config, params, tokenizer) -> None:
 
 
 def sweep(args, config, params, tokenizer) -> None:
-    """Each setting: 2 x slots requests, `slots` at a time, so that half arrive while others decode."""
-    settings = [(16, 2), (16, 4), (16, 8), (16, 16), (8, 8), (32, 8)]
-    print(f"\nSweep, GPT-2 124M shapes, fp32, {args.prompt_tokens}+{args.new_tokens} tokens; {machine()}\n")
+    """Each setting: 2 x slots requests, `slots` at a time, so that half arrive while others decode.
+
+    All engines are built and warmed first, then the rounds interleave the settings (a noisy neighbour
+    then hurts them alike); the best round of each is shown.
+    """
+    settings = [tuple(int(x) for x in s.split("x")) for s in args.settings]
+    engines = {}
+    for slots, chunk in settings:
+        engines[slots, chunk] = e = BatchEngine(
+            config, params, tokenizer, name="sweep", slots=slots, chunk_size=chunk
+        )
+        engine_load(e, make_requests(1, args.prompt_tokens, args.new_tokens, config.n_vocab), 1)
+    best: dict[tuple[int, int], LoadResult] = {}
+    for _ in range(args.rounds):
+        for (slots, chunk), e in engines.items():
+            requests = make_requests(
+                2 * slots, args.prompt_tokens, args.new_tokens, config.n_vocab, seed=slots
+            )
+            r = engine_load(e, requests, slots)
+            if (slots, chunk) not in best or r.tok_per_s > best[slots, chunk].tok_per_s:
+                best[slots, chunk] = r
+    print(
+        f"\nSweep, GPT-2 124M shapes, fp32, {args.prompt_tokens}+{args.new_tokens} tokens, best of {args.rounds}"
+    )
+    print(f"interleaved rounds; {machine()}\n")
     print("| slots | chunk | tok/s | TTFT p50 ms | TTFT p99 ms | mean step ms |")
     print("|---|---|---|---|---|---|")
-    for slots, chunk in settings:
-        requests = make_requests(2 * slots, args.prompt_tokens, args.new_tokens, config.n_vocab, seed=slots)
-        engine = BatchEngine(config, params, tokenizer, name="sweep", slots=slots, chunk_size=chunk)
-        r = engine_load(engine, requests, slots)
-        engine.stop()
-        h = engine.metrics.step_time
+    for (slots, chunk), r in best.items():
+        h = engines[slots, chunk].metrics.step_time
         step = h.sum / max(h.count, 1) / chunk * 1000
         print(
             f"| {slots} | {chunk} | {r.tok_per_s:.1f} | {r.ttft_ms(50):.0f} | {r.ttft_ms(99):.0f} | {step:.1f} |"
         )
-        sys.stdout.flush()
+    for e in engines.values():
+        e.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hf-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--sweep", action="store_true", help="measure slots x chunk settings instead")
+    ap.add_argument("--settings", nargs="+", default=["16x1", "16x2", "16x4", "16x8", "8x4", "32x4"])
+    ap.add_argument("--rounds", type=int, default=2, help="sweep rounds")
     args = ap.parse_args(argv)
 
     config = gpt2_124m()

@@ -32,13 +32,27 @@ from serving.engine_job import END, Job
 from serving.engine_metrics import EngineMetrics, publish, unpublish
 from serving.engine_worker import EngineFault, SlotWorker
 
-__all__ = ["BatchEngine", "EngineFault", "default_slots", "enable_compilation_cache"]
+__all__ = ["BatchEngine", "EngineFault", "default_chunk_size", "default_slots", "enable_compilation_cache"]
 
-# Measured on a 124M model, fp32, 2-core CPU (benchmarks/bench_engine.py --sweep; see the module's tables).
-DEFAULT_CHUNK_SIZE = 8
+# Defaults, measured with benchmarks/bench_engine.py --sweep on a 124M-shaped fp32 model on a shared 2-core
+# CPU (2 x slots requests of 32+32 tokens, `slots` at a time, best of 2 interleaved rounds; two runs):
+#   slots x chunk    16x1   16x2   16x4   16x8  |  8x4    16x4   32x4
+#   tok/s            28     80     108    105   |  69     89     137
+#   TTFT p50 (ms)    1253   1043   1032   1374  |  763    1131   2217
+#   ms per step      843    211    161    164   |  125    159    213
+# A chunk of 1 or 2 pays the per-call cost (dispatch, host work, copying the decode window in and out:
+# ~50 ms here) too often; 8 only adds admission latency. 32 slots give 1.5x the throughput of 16 when all
+# are busy, but every stream decodes 1.3x slower, first tokens wait twice as long and the KV cache doubles
+# (every step costs the full slot count however few are busy): 16 is the default, SLOTS=32 for throughput.
+CPU_CHUNK_SIZE = 4
+ACCELERATOR_CHUNK_SIZE = 16  # unmeasured here: steps of a few ms want the per-call cost amortised more
 CPU_SLOTS = 16  # all CPU "devices" of a host share its cores: this many slots in all, not per device
 ACCELERATOR_SLOTS = 64  # per GPU/TPU, unmeasured here: a batch that keeps a big matmul unit busy
 KV_MEMORY_FRACTION = 0.3  # at most this share of a device's memory for the slots' KV cache by default
+
+
+def default_chunk_size(devices: Sequence[jax.Device]) -> int:
+    return CPU_CHUNK_SIZE if devices[0].platform == "cpu" else ACCELERATOR_CHUNK_SIZE
 
 
 def default_slots(config: GPT2Config, dtype: Any, devices: Sequence[jax.Device]) -> int:
@@ -71,7 +85,7 @@ class BatchEngine:
     """Continuous batching over a fixed set of decode slots, for one model.
 
     slots: decode slots (default: `default_slots`), a multiple of the device count. chunk_size: decode
-    steps per device call. max_queue: requests that may wait for slots; beyond it new ones are refused
+    steps per device call (default: `default_chunk_size`). max_queue: requests that may wait for slots; beyond it new ones are refused
     with EngineOverloaded, as is one that waited more than queue_timeout seconds. devices: default all
     local devices; slots are sharded over them. min_window: the shortest KV-cache window that decode is
     compiled for (windows double up to n_ctx; each chunk uses the smallest that holds its live rows).
@@ -87,7 +101,7 @@ class BatchEngine:
         dtype: Any = jnp.float32,
         name: str = "gpt2",
         slots: int | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         max_queue: int = 64,
         queue_timeout: float = 30.0,
         devices: Sequence[jax.Device] | None = None,
@@ -99,12 +113,12 @@ class BatchEngine:
         self.n_ctx = config.n_ctx
         self.tokenizer = tokenizer
         self.slots = slots or default_slots(config, dtype, devices)
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size or default_chunk_size(devices)
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.buckets = tuple(_powers_of_two(config.n_ctx))  # prefill lengths
         self.metrics = EngineMetrics(lambda: self.queue_length, lambda: self.busy_slots, self.slots)
-        self.programs = SlotPrograms(config, params, dtype, self.slots, chunk_size, devices, min_window)
+        self.programs = SlotPrograms(config, params, dtype, self.slots, self.chunk_size, devices, min_window)
         self.worker = SlotWorker(self, self.programs)
 
     @classmethod

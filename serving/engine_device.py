@@ -3,6 +3,8 @@
 A request goes prefill (one prompt, right-padded to a length bucket) -> insert (its KV written into one
 decode slot, the slot index traced, its first token sampled with the slot's own settings) -> decode (a
 chunk of `lax.scan` steps for every slot at once, the state donated so the KV cache is updated in place).
+Decode is compiled for a few cache windows (powers of two up to n_ctx): a chunk whose live rows are all
+short attends over, and writes, only the start of the cache, so a step reads a fraction of it.
 
 The slot axis is sharded over all local devices (`PartitionSpec("data")`), weights are replicated. Insert
 and decode are `shard_map`ped: each device updates and decodes only its own slots, so no step needs a
