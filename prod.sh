@@ -4,7 +4,7 @@
 #   MODELS=117M bash prod.sh     # one model (a folder name under MODELS_DIR, or a path)
 #   PORT=8000 bash prod.sh
 # On the first run it makes .venv at the repo root and installs the project into it.
-# Other settings (HOST, MAX_TOKENS, MAX_N, API_KEYS, CORS_ORIGINS, ...): see docs/API.md.
+# Other settings (HOST, MAX_TOKENS, MAX_N, API_KEYS, CORS_ORIGINS, ...): see README.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -2,7 +2,7 @@
 
 The server listens at once (/health answers 503 until every model is warm). SIGTERM or SIGINT: stop
 accepting, finish the in-flight requests (up to GRACEFUL_TIMEOUT seconds), stop the engines, exit 0.
-Settings come from the environment (see serving/settings.py and docs/API.md).
+Settings come from the environment (see serving/settings.py and README.md).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
         prog="gpt2jax-serve",
         description="Serve GPT-2 behind the OpenAI API. Settings come from the environment (MODELS, "
         "MODELS_DIR, HOST, PORT, MAX_TOKENS, MAX_N, API_KEYS, API_KEYS_FILE, CORS_ORIGINS, MODEL_ALIASES, "
-        "CHAT_TEMPLATE, ...; see docs/API.md); these options override them.",
+        "CHAT_TEMPLATE, ...; see README.md); these options override them.",
     )
     parser.add_argument("--models", help="comma list of model names or folders (MODELS)")
     parser.add_argument("--host", help="address to bind (HOST, default 127.0.0.1)")

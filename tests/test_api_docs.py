@@ -1,4 +1,4 @@
-"""docs/API.md and docs/openapi.json keep up with the code."""
+"""README.md and docs/openapi.json keep up with the code."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ def test_static_openapi_is_current():
     )
 
 
-def test_api_md_documents_every_variable_and_field():
-    text = (DOCS / "API.md").read_text()
+def test_readme_documents_every_variable_and_field():
+    text = (DOCS.parent / "README.md").read_text()
     variables = set(re.findall(r'env, "([A-Z_]+)"|get\("([A-Z_]+)"\)', SETTINGS_SOURCE.read_text()))
     variables = {a or b for a, b in variables} | {"CORS_ORIGINS"}
     assert len(variables) >= len(dataclasses.fields(Settings)) - 1
     missing = sorted(v for v in variables if f"`{v}`" not in text)
-    assert not missing, f"docs/API.md lacks {missing}"
+    assert not missing, f"README.md lacks {missing}"
     for field in (*COMPLETION_FIELDS, *CHAT_FIELDS, *TOKENIZE_FIELDS, *DETOKENIZE_FIELDS):
         assert f"`{field.name}`" in text or f'"{field.name}"' in text, field.name
