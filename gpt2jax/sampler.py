@@ -52,7 +52,7 @@ class PromptScores(NamedTuple):
     top_logprobs: jax.Array  # [B, P, K] f32
 
 
-def _prompt_scores(logits: jax.Array, tokens: jax.Array) -> PromptScores:
+def prompt_scores(logits: jax.Array, tokens: jax.Array) -> PromptScores:
     lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # predictions for tokens 1..P-1
     chosen = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
     top_lp, top_tok = jax.lax.top_k(lp, sampling.NUM_TOP_LOGPROBS)
@@ -100,7 +100,7 @@ class Sampler:
         state = self._advance(
             DecodeState(cache, out.token, lengths - 1, counts, step, max_tokens, max_tokens <= 0, sp), out
         )
-        scores = _prompt_scores(logits, tokens) if score_prompt else None
+        scores = prompt_scores(logits, tokens) if score_prompt else None
         return state, out, scores
 
     def _advance(self, state: DecodeState, out: sampling.SampleOutput) -> DecodeState:

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from gpt2jax import sampling
 from gpt2jax.config import GPT2Config
 from gpt2jax.model import KVCache, forward, init_cache
-from gpt2jax.sampler import PromptScores, _prompt_scores
+from gpt2jax.sampler import PromptScores, prompt_scores
 
 AXIS = "data"
 
@@ -242,7 +242,7 @@ class SlotPrograms:
         cache = init_cache(self.config, 1, P_, self.dtype)
         logits, cache = forward(params, self.config, tokens, positions, cache, self.dtype)  # (1, P, V)
         last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)  # (V,)
-        return Prefilled(cache, last, _prompt_scores(logits, tokens) if score else None)
+        return Prefilled(cache, last, prompt_scores(logits, tokens) if score else None)
 
     def _first_impl(self, logits: jax.Array, row: SlotRow) -> tuple[SlotState, sampling.SampleOutput]:
         """A slot's first token, sampled exactly as the notebook Sampler samples after its prefill.
