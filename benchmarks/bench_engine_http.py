@@ -23,14 +23,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_engine import LoadResult, hf_load, make_requests, synthetic_tokenizer  # noqa: E402
+from benchmarks.bench_engine import drive, hf_load, make_requests, synthetic_tokenizer  # noqa: E402
 from benchmarks.common import gpt2_124m, hf_model, machine, random_params  # noqa: E402
 from gpt2jax.checkpoint import save_params  # noqa: E402
-from serving.engine_api import GenerationRequest  # noqa: E402
+from serving.engine_api import Event, GenerationRequest  # noqa: E402
 
 
 def free_port() -> int:
@@ -55,38 +56,30 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 900) -> Non
 
 
 async def http_load(base: str, model: str, requests: list[GenerationRequest], concurrency: int, eos: int):
+    """bench_engine.drive over HTTP: each streamed chunk becomes an engine Event."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
-    gate = asyncio.Semaphore(concurrency)
-    ttft: list[float] = []
-    tokens = 0
 
-    async def one(r: GenerationRequest) -> None:
-        nonlocal tokens
-        async with gate:
-            t0, first = time.perf_counter(), True
-            stream = await client.completions.create(
-                model=model,
-                prompt=list(r.prompt),
-                max_tokens=r.max_tokens,
-                temperature=0,
-                logit_bias={str(eos): -100},
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-            async for chunk in stream:
-                if first and chunk.choices and chunk.choices[0].text:
-                    ttft.append(time.perf_counter() - t0)
-                    first = False
-                if chunk.usage:
-                    tokens += chunk.usage.completion_tokens
+    async def stream(r: GenerationRequest) -> AsyncIterator[Event]:
+        chunks = await client.completions.create(
+            model=model,
+            prompt=list(r.prompt),
+            max_tokens=r.max_tokens,
+            temperature=0,
+            logit_bias={str(eos): -100},
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in chunks:
+            text = chunk.choices[0].text if chunk.choices else ""
+            used = chunk.usage.completion_tokens if chunk.usage else 0
+            yield Event(index=0, text=text, completion_tokens=used)
 
-    t = time.perf_counter()
-    await asyncio.gather(*(one(r) for r in requests))
-    result = LoadResult(tokens, time.perf_counter() - t, ttft)
-    await client.close()
-    return result
+    try:
+        return await drive(stream, requests, concurrency)
+    finally:
+        await client.close()
 
 
 def main(argv: list[str] | None = None) -> None:
