@@ -101,7 +101,8 @@ def synthetic_tokenizer(n_vocab: int) -> GPT2Tokenizer:
 
 
 def engine_load(engine: BatchEngine, requests: list, concurrency: int) -> LoadResult:
-    """Warms the engine's programs for these shapes with one request, then runs the load."""
+    """Compiles the engine's programs for these prompts, warms them with one request, then runs the load."""
+    engine.warmup(buckets=sorted({len(r.prompt) for r in requests}), score_prompt=False)
     engine.start()
     asyncio.run(drive(engine.generate, requests[:1], 1))
     return asyncio.run(drive(engine.generate, requests, concurrency))

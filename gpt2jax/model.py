@@ -252,10 +252,16 @@ def forward(
     positions: jax.Array,
     cache: KVCache,
     dtype: Any = None,
+    *,
+    hidden_only: bool = False,
 ) -> tuple[jax.Array, KVCache]:
-    """Functional entry point: logits [B, T, V] and the updated cache."""
+    """Functional entry point: logits [B, T, V] and the updated cache.
+
+    With hidden_only, the final hidden states [B, T, n_embd] instead of logits (`unembed` them, e.g. at
+    one position per row: a prefill needs the logits of its last token only).
+    """
     dtype = dtype if dtype is not None else jnp.float32
-    return GPT2(config, dtype).apply({"params": params}, tokens, positions, cache)
+    return GPT2(config, dtype).apply({"params": params}, tokens, positions, cache, hidden_only=hidden_only)
 
 
 def init_params(config: GPT2Config, rng: jax.Array) -> Any:

@@ -25,7 +25,7 @@ from gpt2jax.sampler import bucket
 from gpt2jax.sampling import NUM_TOP_LOGPROBS, SampleOutput
 from serving.engine_api import EngineOverloaded
 from serving.engine_choice import ChoiceStream
-from serving.engine_device import SlotPrograms, make_row
+from serving.engine_device import Prefilled, SlotPrograms, make_row
 from serving.engine_job import Job
 
 if TYPE_CHECKING:
@@ -173,23 +173,47 @@ class SlotWorker:
             self.waiting = keep
 
     def _admit(self, pending: deque[_Dispatched]) -> None:
-        """Starts waiting jobs, oldest first, while their choices fit in the free slots."""
-        while True:
-            with self.cv:
-                if not self.waiting or self.waiting[0].slots_needed > len(self.free):
-                    return
-                job = self.waiting.popleft()
-            if not job.cancelled:
-                self._start_job(job, pending)
+        """Starts waiting jobs, oldest first, while their choices fit in the free slots.
 
-    def _start_job(self, job: Job, pending: deque[_Dispatched]) -> None:
-        """Prefills the prompt once, then inserts it into one slot per choice, each with its own seed."""
+        The prompts admitted together are prefilled in batches, one per length bucket.
+        """
+        admitted, free = [], len(self.free)
+        with self.cv:
+            while self.waiting and self.waiting[0].slots_needed <= free:
+                job = self.waiting.popleft()
+                if not job.cancelled:
+                    admitted.append(job)
+                    free -= job.slots_needed
+        groups: dict[tuple[int, bool], list[Job]] = {}
+        for job in admitted:
+            r = job.request
+            groups.setdefault((bucket(len(r.prompt), self.engine.config.n_ctx), r.echo_logprobs), []).append(
+                job
+            )
+        for (size, score), jobs in groups.items():
+            rows = self.programs.prefill_rows(size, score)
+            for i in range(0, len(jobs), rows):
+                self._start_jobs(jobs[i : i + rows], size, score, pending)
+
+    def _start_jobs(self, jobs: list[Job], size: int, score: bool, pending: deque[_Dispatched]) -> None:
+        """Prefills the jobs' prompts (one length bucket) in one call, then seats each job."""
+        try:
+            prefilled = self.programs.prefill([job.request.prompt for job in jobs], size, score)
+        except Exception as exc:  # the prefill touches no slot: only these jobs fail
+            log.exception("prefill failed")
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        for job, pre in zip(jobs, prefilled, strict=True):
+            self._seat(job, pre, pending)
+
+    def _seat(self, job: Job, pre: Prefilled, pending: deque[_Dispatched]) -> None:
+        """Inserts a prefilled prompt into one slot per choice, each with its own seed."""
         r, config = job.request, self.engine.config
         try:
-            pre = self.programs.prefill(r.prompt, bucket(len(r.prompt), config.n_ctx), r.echo_logprobs)
             if r.echo_logprobs:
                 job.set_prompt_scores(*(np.asarray(a)[0, : len(r.prompt)] for a in pre.scores))
-        except Exception as exc:  # the prefill touches no slot: only this job fails
+        except Exception as exc:  # reading the scores failed: the device may be at fault, but no slot is
             log.exception("prefill failed")
             self._fail(job, exc)
             return
