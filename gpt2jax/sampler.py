@@ -18,7 +18,7 @@ import numpy as np
 
 from gpt2jax import sampling
 from gpt2jax.config import GPT2Config
-from gpt2jax.model import KVCache, forward, init_cache
+from gpt2jax.model import KVCache, forward, forward_last, init_cache
 
 MIN_BUCKET = 16
 
@@ -92,8 +92,11 @@ class Sampler:
         B, P = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
         cache = init_cache(self.config, B, cache_len, self.dtype)
-        logits, cache = forward(params, self.config, tokens, positions, cache, self.dtype)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+        if score_prompt:
+            logits, cache = forward(params, self.config, tokens, positions, cache, self.dtype)
+            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+        else:
+            last, cache = forward_last(params, self.config, tokens, positions, cache, lengths, self.dtype)
         counts = jnp.zeros((B, self.config.n_vocab), jnp.int32)
         step = jnp.zeros((B,), jnp.int32)
         out = sampling.sample(last, counts, step, sp, want_top)

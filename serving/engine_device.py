@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from gpt2jax import sampling
 from gpt2jax.config import GPT2Config
-from gpt2jax.model import KVCache, forward, init_cache, unembed
+from gpt2jax.model import KVCache, forward, forward_last, init_cache
 from gpt2jax.sampler import PromptScores, prompt_scores
 
 AXIS = "data"
@@ -254,16 +254,11 @@ class SlotPrograms:
         R, P_ = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(P_, dtype=jnp.int32)[None], (R, P_))
         cache = init_cache(self.config, R, P_, self.dtype)
-        rows = jnp.arange(R)
         if score:
             logits, cache = forward(params, self.config, tokens, positions, cache, self.dtype)  # (R, P, V)
-            last, scores = logits[rows, lengths - 1], prompt_scores(logits, tokens)  # (R, V)
+            last, scores = logits[jnp.arange(R), lengths - 1], prompt_scores(logits, tokens)  # (R, V)
         else:
-            hidden, cache = forward(
-                params, self.config, tokens, positions, cache, self.dtype, hidden_only=True
-            )  # (R, P, E)
-            wte = params["wte"].astype(self.dtype)
-            last = unembed(hidden[rows, lengths - 1][:, None], wte)[:, 0]  # (R, V)
+            last, cache = forward_last(params, self.config, tokens, positions, cache, lengths, self.dtype)
             scores = None
         return tuple(
             Prefilled(
