@@ -4,7 +4,9 @@ A request goes prefill (one prompt, right-padded to a length bucket) -> insert (
 decode slot, the slot index traced, its first token sampled with the slot's own settings) -> decode (a
 chunk of `lax.scan` steps for every slot at once, the state donated so the KV cache is updated in place).
 Decode is compiled for a few cache windows (powers of two up to n_ctx): a chunk whose live rows are all
-short attends over, and writes, only the start of the cache, so a step reads a fraction of it.
+short attends over, and writes, only the start of the cache, so a step reads a fraction of it. It is also
+compiled for a few numbers of leading slots per device (powers of 4 and all of them): slots are filled in
+that order, so a lone request decodes one row, not all of them (on the CPU a step of 16 rows costs ~3x one).
 
 The slot axis is sharded over all local devices (`PartitionSpec("data")`), weights are replicated. Insert
 and decode are `shard_map`ped: each device updates and decodes only its own slots, so no step needs a
@@ -145,6 +147,20 @@ def _window(cache: KVCache, window: int) -> KVCache:
     return tuple((k[:, :, :window], v[:, :, :window]) for k, v in cache)
 
 
+def _leading(state: SlotState, rows: int, window: int) -> SlotState:
+    """The first `rows` slots of the state, their cache cut to its first `window` positions."""
+    state = jax.tree.map(lambda a: a[:rows], state)
+    return state._replace(cache=_window(state.cache, window))
+
+
+def _row_counts(local: int) -> tuple[int, ...]:
+    out, rows = [], 1
+    while rows < local:
+        out.append(rows)
+        rows *= 4
+    return (*out, local)
+
+
 def _windows(smallest: int, n_ctx: int) -> tuple[int, ...]:
     out = [n_ctx]
     while out[-1] // 2 >= smallest:
@@ -180,6 +196,9 @@ class SlotPrograms:
         # power of two from min_window up to n_ctx: while every live row is short, a step reads a
         # fraction of the [slots, n_ctx] cache instead of all of it.
         self.windows = _windows(min(min_window, config.n_ctx), config.n_ctx)
+        self.devices = len(devices)
+        self.local_slots = slots // len(devices)
+        self.row_counts = _row_counts(self.local_slots)  # leading slots per device that decode compiles for
         self.mesh = Mesh(np.array(devices), (AXIS,))
         self.replicated = NamedSharding(self.mesh, P())
         self.by_slot = NamedSharding(self.mesh, P(AXIS))
@@ -204,16 +223,17 @@ class SlotPrograms:
         )
         self._decode = {}
         for window in self.windows:
-            decode = jax.shard_map(
-                partial(self._decode_local, window=window),
-                mesh=self.mesh,
-                in_specs=(P(), P(AXIS), P(AXIS)),
-                out_specs=(P(AXIS), P(None, AXIS)),
-                check_vma=False,  # sampling's lax.conds mix per-device and constant values
-            )
-            self._decode[window] = jax.jit(
-                decode, in_shardings=(rep, rows, rows), out_shardings=(rows, steps), donate_argnums=1
-            )
+            for n in self.row_counts:
+                decode = jax.shard_map(
+                    partial(self._decode_local, window=window, rows=n),
+                    mesh=self.mesh,
+                    in_specs=(P(), P(AXIS), P(AXIS)),
+                    out_specs=(P(AXIS), P(None, AXIS)),
+                    check_vma=False,  # sampling's lax.conds mix per-device and constant values
+                )
+                self._decode[window, n] = jax.jit(
+                    decode, in_shardings=(rep, rows, rows), out_shardings=(rows, steps), donate_argnums=1
+                )
 
     # ---- jitted bodies ----
 
@@ -305,15 +325,17 @@ class SlotPrograms:
         return rest._replace(cache=cache)
 
     def _decode_local(
-        self, params: Any, state: SlotState, active: jax.Array, window: int
+        self, params: Any, state: SlotState, active: jax.Array, window: int, rows: int
     ) -> tuple[SlotState, sampling.SampleOutput]:
-        """`chunk_size` steps for this device's slots; per-step outputs [chunk, S_local], token -1 when done.
+        """`chunk_size` steps for this device's first `rows` slots (the others are left as they are);
+        per-step outputs [chunk, rows], token -1 when done.
 
         Live rows must stay below position `window` (done rows may be anywhere: a write beyond the
         window is dropped and their outputs are ignored).
         """
-        full = state.cache
-        state = state._replace(done=state.done | ~active, cache=_window(full, window))
+        full = state
+        state = _leading(state, rows, window)
+        state = state._replace(done=state.done | ~active[:rows])
 
         def one_step(state: SlotState, _):
             logits, cache = forward(
@@ -326,15 +348,10 @@ class SlotPrograms:
             return _advance(state._replace(cache=cache), out, self.config.n_ctx), emitted
 
         state, outs = jax.lax.scan(one_step, state, None, length=self.chunk_size)
-        if window < self.config.n_ctx:
-            cache = tuple(
-                (
-                    jax.lax.dynamic_update_slice(k, wk, (0, 0, 0, 0)),
-                    jax.lax.dynamic_update_slice(v, wv, (0, 0, 0, 0)),
-                )
-                for (k, v), (wk, wv) in zip(full, state.cache, strict=True)
+        if rows < full.token.shape[0] or window < self.config.n_ctx:  # written back in place (donated)
+            state = jax.tree.map(
+                lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim), full, state
             )
-            state = state._replace(cache=cache)
         return state, outs
 
     # ---- host side ----
@@ -375,14 +392,30 @@ class SlotPrograms:
         """The smallest compiled window holding positions < end."""
         return next((w for w in self.windows if w >= end), self.windows[-1])
 
+    def fill_order(self) -> list[int]:
+        """Slots in the order to fill them: the first slot of every device, then the second, ..."""
+        L = self.local_slots
+        return [d * L + i for i in range(L) for d in range(self.devices)]
+
+    def rows_for(self, slots: Sequence[int]) -> int:
+        """The fewest leading slots per device (a compiled count) that decode must run to cover `slots`."""
+        need = 1 + max((s % self.local_slots for s in slots), default=0)
+        return next(n for n in self.row_counts if n >= need)
+
+    def decoded_slots(self, rows: int) -> list[int]:
+        """The slot of each output column of a decode of `rows` leading slots per device."""
+        L = self.local_slots
+        return [d * L + i for d in range(self.devices) for i in range(rows)]
+
     def decode(
-        self, state: SlotState, active: np.ndarray, window: int | None = None
+        self, state: SlotState, active: np.ndarray, window: int | None = None, rows: int | None = None
     ) -> tuple[SlotState, sampling.SampleOutput]:
-        """One chunk of steps for all slots (donating `state`); rows with active False are ended first.
+        """One chunk of steps (donating `state`) for the first `rows` slots of each device (default all);
+        rows with active False are ended first. Outputs [chunk, rows x devices] (see `decoded_slots`).
 
         window: a compiled window (see `window_for`) above every position a live row reaches in the chunk.
         """
-        decode = self._decode[window or self.windows[-1]]
+        decode = self._decode[window or self.windows[-1], rows or self.local_slots]
         return decode(self.params, state, jax.device_put(active, self.by_slot))
 
     def compile(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> None:
@@ -415,5 +448,5 @@ class SlotPrograms:
             lengths = like(jax.ShapeDtypeStruct((1,), jnp.int32), rep)
             kv = like(jax.eval_shape(self._prefill[False], params, tokens, lengths)[0].cache, rep)
             self._insert.lower(state, kv, row_state, slot).compile()
-        for window in self.windows:
-            self._decode[window].lower(params, state, like(np.zeros(self.slots, bool), rows)).compile()
+        for program in self._decode.values():
+            program.lower(params, state, like(np.zeros(self.slots, bool), rows)).compile()

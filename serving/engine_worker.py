@@ -1,7 +1,7 @@
 """The engine's worker thread: the waiting queue, the slot table and the loop that drives the device.
 
 Each turn of the loop: free the slots of cancelled jobs and refuse jobs that waited too long; admit
-waiting jobs into free slots (prefill, insert); dispatch one decode chunk for all slots; then read the
+waiting jobs into free slots (prefill, insert); dispatch one decode chunk for the busy slots; then read the
 outputs dispatched before it (JAX dispatches asynchronously, so the device is already busy with the new
 chunk while the host turns the previous one into events). Slots of finished choices are freed at once on
 the host; the next chunk tells the device (its `active` mask).
@@ -67,7 +67,11 @@ class SlotWorker:
         self.waiting: deque[Job] = deque()
         self.accepting, self.stopping, self.drain = True, False, True
         self.seats: list[_Seat | None] = [None] * slots
-        self.free = list(range(slots))  # a heap: the lowest free slot first
+        # Free slots as a heap of their places in the fill order, so that busy slots stay at the front of
+        # each device's rows and decode runs as few rows as it can.
+        self._order = programs.fill_order()
+        self._place = {slot: i for i, slot in enumerate(self._order)}
+        self.free = list(range(slots))
         self.busy = 0
         # Per slot: cache positions its row reaches with the steps dispatched so far, and the most it can
         # reach (prompt + max_tokens): they pick the decode window.
@@ -225,7 +229,7 @@ class SlotWorker:
         seed = r.seed if r.seed is not None else secrets.randbits(63)
         eos = config.eos_token_id if r.stop_at_eos else -1
         for choice in job.choices:
-            slot = heapq.heappop(self.free)
+            slot = self._order[heapq.heappop(self.free)]
             self.seats[slot] = seat = _Seat(slot, job, choice)
             self.busy += 1
             self._reach[slot], self._limit[slot] = len(r.prompt), len(r.prompt) + r.max_tokens
@@ -255,9 +259,11 @@ class SlotWorker:
         step = self.engine.chunk_size
         self._reach = np.where(active, np.minimum(self._reach + step, self._limit), self._reach)
         window = self.programs.window_for(int(self._reach[active].max()))
-        self._state, out = self.programs.decode(self._state, active, window)
+        rows = self.programs.rows_for(np.flatnonzero(active).tolist())
+        self._state, out = self.programs.decode(self._state, active, window, rows)
         _copy_to_host_async(out)
-        pending.append(_Dispatched(out, list(self.seats), time.perf_counter(), True))
+        seats = [self.seats[slot] for slot in self.programs.decoded_slots(rows)]
+        pending.append(_Dispatched(out, seats, time.perf_counter(), True))
         self._inflight = len(pending)
         return True
 
@@ -307,7 +313,7 @@ class SlotWorker:
     def _release(self, slot: int) -> None:
         if self.seats[slot] is not None:
             self.seats[slot] = None
-            heapq.heappush(self.free, slot)
+            heapq.heappush(self.free, self._place[slot])
             self.busy -= 1
 
     def _fail(self, job: Job, exc: BaseException) -> None:

@@ -159,9 +159,9 @@ def mixed(lm, engine, compiles):
     before = len(compiles)
     real, windows = engine.programs.decode, set()
 
-    def spy(state, active, window):
+    def spy(state, active, window, rows=None):
         windows.add(window)
-        return real(state, active, window)
+        return real(state, active, window, rows)
 
     engine.programs.decode = spy
     try:
@@ -185,6 +185,28 @@ def test_results_are_the_same_alone_and_batched(mixed):
             assert c.finish_reason in ("stop", "length")
             assert c.completion_tokens <= r.max_tokens
             assert bool(c.prompt) == r.echo_logprobs
+
+
+def test_decode_runs_only_the_leading_slots_that_are_busy(lm, engine, monkeypatch):
+    real, rows_seen = engine.programs.decode, []
+
+    def spy(state, active, window, rows=None):
+        rows_seen.append((rows, int(active.sum())))
+        return real(state, active, window, rows)
+
+    monkeypatch.setattr(engine.programs, "decode", spy)
+    asyncio.run(collect(engine, long_request(lm)))
+    assert rows_seen and {rows for rows, _ in rows_seen} == {1}  # a lone request: one row per step
+
+    rows_seen.clear()
+
+    async def three():
+        return await asyncio.gather(*(collect(engine, long_request(lm)) for _ in range(3)))
+
+    results = asyncio.run(three())
+    assert max(busy for _, busy in rows_seen) == 3 and max(rows for rows, _ in rows_seen) == 4
+    assert all(rows >= busy for rows, busy in rows_seen)
+    assert results[0] == results[1] == results[2]  # same greedy request, same answer wherever it sat
 
 
 def test_no_compilation_after_warmup(mixed):
