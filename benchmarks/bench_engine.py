@@ -4,8 +4,8 @@ A 124M-shaped model with random GPT-2-initialised fp32 weights on the CPU (no do
 50257-token byte-level vocabulary. Each request: 32 random prompt tokens, 64 new tokens, greedy, end-of-text
 ignored (so every request makes exactly its 64 tokens). Compared, side by side in one run:
 - the engine with 16 concurrent requests (default slots and chunk size, or --slots / --chunk);
-- the same requests one after another through a 1-slot engine (a server that does not batch; only the
-  first --sequential of them are run and the rate is per token, so it is extrapolated);
+- the same requests one after another through the same engine (what one user alone gets; only the first
+  --sequential of them are run and the rate is per token, so it is extrapolated);
 - HF transformers' PyTorch `generate` on the same weights at batch 8 (two batches for 16 requests).
 Time to first token (TTFT) is from a request's submission to its first event with text.
 
@@ -139,15 +139,13 @@ def compare(args, config, params, tokenizer) -> None:
     options = {k: v for k, v in dict(slots=args.slots, chunk_size=args.chunk).items() if v}
     batched = BatchEngine(config, params, tokenizer, name="batched", **options)
     rows = {f"engine, {args.requests} concurrent": engine_load(batched, requests, args.requests)}
+    rows["engine, one after another"] = engine_load(batched, requests[: args.sequential], 1)
     batched.stop()
-    single = BatchEngine(config, params, tokenizer, name="single", slots=1, chunk_size=batched.chunk_size)
-    rows["engine, one after another (1 slot)"] = engine_load(single, requests[: args.sequential], 1)
-    single.stop()
     rows[f"HF transformers generate, batch {args.hf_batch}"] = hf_load(
         hf_model(config, params), requests, args.hf_batch
     )
 
-    base = rows["engine, one after another (1 slot)"].tok_per_s
+    base = rows["engine, one after another"].tok_per_s
     hf = rows[f"HF transformers generate, batch {args.hf_batch}"].tok_per_s
     print(f"\nEngine load, GPT-2 124M shapes, fp32 random weights, {args.prompt_tokens}-token prompts + ")
     print(f"{args.new_tokens} new tokens, greedy; engine slots {batched.slots}, chunk {batched.chunk_size}; ")
