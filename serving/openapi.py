@@ -105,7 +105,9 @@ COMPONENTS = {
         ready={"type": "boolean"},
         created={"type": "integer"},
     ),
-    "Health": _obj(status={"type": "string", "enum": ["ok", "loading", "failed", "draining"]}, models=_obj()),
+    "Health": _obj(
+        status={"type": "string", "enum": ["ok", "degraded", "loading", "failed", "draining"]}, models=_obj()
+    ),
 }
 for _name in ("Model", "Engine"):
     COMPONENTS[_name + "List"] = _obj(
@@ -229,10 +231,17 @@ def build_spec() -> dict[str, Any]:
     }
     paths["/health"] = {
         "get": {
-            "summary": "200 when every model is loaded and warm, else 503 (no API key needed)",
+            "summary": "200 when every model is loaded and warm (ok), or the others are while some failed to load "
+            "(degraded), else 503 (no API key needed)",
             "responses": {
-                "200": {"description": "ready", "content": {"application/json": {"schema": _ref("Health")}}},
-                "503": {"description": "loading, failed or draining"},
+                "200": {
+                    "description": "ok or degraded",
+                    "content": {"application/json": {"schema": _ref("Health")}},
+                },
+                "503": {
+                    "description": "loading, failed or draining",
+                    "content": {"application/json": {"schema": _ref("Health")}},
+                },
             },
         }
     }

@@ -33,7 +33,7 @@ def engine_object(model: ServedModel) -> dict[str, Any]:
 @blueprint.get("/v1/engines")
 @blueprint.get("/engines")
 async def list_engines() -> Response:
-    models = state().registry.models.values()
+    models = state().registry.served()  # a model that failed to load is not listed
     return json_response({"object": "list", "data": [engine_object(m) for m in models]})
 
 
