@@ -24,6 +24,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class LoadReport:
     busy_slots: float = -1
     queue_length: float = -1
     engine_failed: float = 0  # the engine's requests_failed during the run
+    engine_finished: float = 0  # requests the engine ran to the end (a cancelled one does not count)
+    rss_samples: list[tuple[int, int]] = field(default_factory=list)  # (requests done, KiB) during the run
 
     def count(self, kind: str) -> int:
         return sum(o.kind == kind for o in self.outcomes)
@@ -82,10 +85,12 @@ class LoadReport:
             f"{self.count('shed')}, unexpected errors {len(self.unexpected)}",
             f"latency of a whole request: p50 {pct(whole, 50) * 1000:.0f} ms, p99 {pct(whole, 99) * 1000:.0f} ms",
             f"time to first event (streams): p50 {pct(firsts, 50) * 1000:.0f} ms, p99 {pct(firsts, 99) * 1000:.0f} ms",
-            f"after the run: busy slots {self.busy_slots:g}, queue length {self.queue_length:g}, "
-            f"engine requests failed {self.engine_failed:g}",
+            f"engine: {self.engine_finished:g} requests run to the end, {len(self.outcomes) - self.engine_finished:g}"
+            f" cancelled by their client's hang-up, {self.engine_failed:g} failed",
+            f"after the run: busy slots {self.busy_slots:g}, queue length {self.queue_length:g}",
             f"server RSS: before {self.rss_before_kib / 1024:.1f} MiB, after {self.rss_after_kib / 1024:.1f} MiB "
-            f"({self.rss_growth_pct:+.1f}%)",
+            f"({self.rss_growth_pct:+.1f}%); during the run: "
+            + ", ".join(f"{kib / 1024:.1f} MiB after {done}" for done, kib in self.rss_samples),
         ]
         out += [f"  unexpected: {o.detail}" for o in self.unexpected[:10]]
         return out
@@ -237,9 +242,17 @@ async def drive(
     disconnect: float,
     seed: int,
     timeout: float,
+    eos: int,
+    on_progress: Callable[[int], None] | None = None,
 ) -> tuple[list[Outcome], float]:
     rng = random.Random(seed)
-    plan = [(*make_request(rng, model), rng.random() < disconnect) for _ in range(requests)]
+    plan = []
+    for _ in range(requests):
+        path, body = make_request(rng, model)
+        hang_up = rng.random() < disconnect
+        if hang_up:  # long enough that the hang-up comes mid-generation and must cancel it
+            body |= {"max_tokens": rng.randint(64, 200), "logit_bias": {str(eos): -100}}
+        plan.append((path, body, hang_up))
     outcomes: list[Outcome] = []
     queue = iter(plan)
 
@@ -247,6 +260,8 @@ async def drive(
         client_rng = random.Random(seed * 1000 + i)
         for path, body, hang_up in queue:
             outcomes.append(await one_request(port, key, path, body, hang_up, client_rng, timeout))
+            if on_progress is not None:
+                on_progress(len(outcomes))
 
     start = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
@@ -271,24 +286,34 @@ def run(
     requests: int = 1000,
     clients: int = 64,
     disconnect: float = 0.1,
-    warmup: int = 64,
+    warmup: int = 256,
     seed: int = 0,
     timeout: float = 120,
 ) -> LoadReport:
     """The load test against a started, healthy server."""
     model = json.loads(server.get("/v1/models")[1])["data"][0]["id"]
-    go = lambda n, s: asyncio.run(drive(server.port, server.key, model, n, clients, disconnect, s, timeout))
+    eos = json.loads(server.get("/tokenize", body={"prompt": "<|endoftext|>"})[1])["tokens"][0]
+    go = lambda n, s, progress=None: asyncio.run(
+        drive(server.port, server.key, model, n, clients, disconnect, s, timeout, eos, progress)
+    )
     go(warmup, seed + 1)  # first-use costs (allocations, caches) before the baseline
     before = settle(server)
     report = LoadReport(rss_before_kib=server.rss_kib())
-    report.outcomes, report.seconds = go(requests, seed)
+    marks = {requests * q // 4 for q in (1, 2, 3)}
+
+    def sample(done: int) -> None:  # resident memory at each quarter of the run
+        if done in marks:
+            report.rss_samples.append((done, server.rss_kib()))
+
+    report.outcomes, report.seconds = go(requests, seed, sample)
     after = settle(server)
     time.sleep(1.0)  # let freed memory go back before reading RSS
     report.rss_after_kib = server.rss_kib()
     report.busy_slots = after.get("gpt2jax_engine_busy_slots", -1)
     report.queue_length = after.get("gpt2jax_engine_queue_length", -1)
-    failed = "gpt2jax_engine_requests_failed_total"
-    report.engine_failed = after.get(failed, 0) - before.get(failed, 0)
+    delta = lambda name: after.get(name, 0) - before.get(name, 0)
+    report.engine_failed = delta("gpt2jax_engine_requests_failed_total")
+    report.engine_finished = delta("gpt2jax_engine_requests_finished_total")
     return report
 
 

@@ -80,13 +80,15 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def get(self, path: str, timeout: float = 10, key: bool = True) -> tuple[int, bytes]:
-        """GET path -> (status, body); (0, b"") when nothing answers."""
+    def get(self, path: str, timeout: float = 10, key: bool = True, body: Any = None) -> tuple[int, bytes]:
+        """GET path (POST with a JSON `body`) -> (status, body); (0, b"") when nothing answers."""
         headers = {"Authorization": f"Bearer {self.key}"} if key and self.key else {}
+        data = None if body is None else json.dumps(body).encode()
         try:
-            with urllib.request.urlopen(
-                urllib.request.Request(self.url + path, headers=headers), timeout=timeout
-            ) as r:
+            request = urllib.request.Request(
+                self.url + path, data, headers | {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=timeout) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
