@@ -143,6 +143,40 @@ def test_slow_stream_reader_does_not_slow_other_clients(tiny_checkpoint):
         engine.stop(drain=False)
 
 
+def test_a_client_that_never_reads_is_cut_off(tokenizer_dir, monkeypatch, caplog):
+    """A stream nobody reads: once a write has waited SEND_TIMEOUT, the server drops the connection and
+    the engine stream behind it (instead of holding both forever)."""
+    from gpt2jax.tokenizer import GPT2Tokenizer
+    from serving import send_timeout
+    from serving.registry import ModelRegistry
+    from serving.settings import Settings
+
+    monkeypatch.setattr(send_timeout, "SEND_TIMEOUT", 1.0)
+    engine = ScriptedEngine(
+        GPT2Tokenizer.from_dir(tokenizer_dir), name="tiny", n_ctx=8192, reply=" word" * 3000
+    )
+    srv = ServerThread(Settings(max_tokens=4000), ModelRegistry.from_engines({"tiny": engine}))
+    srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    srv.start()
+    try:
+        srv.wait_for(lambda: srv.get("/health")[0] == 200, 30, "/health")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3000, "stream": True, "logprobs": 1}
+        sock.sendall(request_bytes("/v1/completions", body, key=None))
+        srv.wait_for(lambda: engine.open_streams == 1, 10, "the stream to start")
+        srv.wait_for(lambda: engine.open_streams == 0, 20, "the server to give up on the reader")
+        raw = read_until_closed(sock, 20)  # what the buffers held, then the end of the connection
+        sock.close()
+        assert raw.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in raw
+        assert engine.events_sent < 3000  # the engine stream was closed early
+        assert srv.get("/v1/models")[0] == 200
+        assert "read nothing for 1.0s" in caplog.text
+    finally:
+        assert srv.shutdown() == 0
+
+
 def test_idle_and_half_sent_connections_are_cut(server):
     """Hypercorn's keep_alive_timeout (5 s) closes a connection that sends nothing, or headers that never
     end however slowly they trickle in (slowloris), so neither holds the server forever."""
