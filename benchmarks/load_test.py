@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import sys
@@ -85,14 +86,17 @@ class LoadReport:
             f"{self.count('shed')}, unexpected errors {len(self.unexpected)}",
             f"latency of a whole request: p50 {pct(whole, 50) * 1000:.0f} ms, p99 {pct(whole, 99) * 1000:.0f} ms",
             f"time to first event (streams): p50 {pct(firsts, 50) * 1000:.0f} ms, p99 {pct(firsts, 99) * 1000:.0f} ms",
-            f"engine: {self.engine_finished:g} requests run to the end, {len(self.outcomes) - self.engine_finished:g}"
-            f" cancelled by their client's hang-up, {self.engine_failed:g} failed",
+            f"engine: {self.engine_finished:g} requests run to the end, "
+            f"{len(self.outcomes) - self.count('shed') - self.engine_finished:g} cancelled by their client's "
+            f"hang-up, {self.engine_failed:g} failed",
             f"after the run: busy slots {self.busy_slots:g}, queue length {self.queue_length:g}",
             f"server RSS: before {self.rss_before_kib / 1024:.1f} MiB, after {self.rss_after_kib / 1024:.1f} MiB "
             f"({self.rss_growth_pct:+.1f}%); during the run: "
             + ", ".join(f"{kib / 1024:.1f} MiB after {done}" for done, kib in self.rss_samples),
         ]
         out += [f"  unexpected: {o.detail}" for o in self.unexpected[:10]]
+        shed = collections.Counter(o.detail for o in self.outcomes if o.kind == "shed")
+        out += [f"  shed {n}x: {why}" for why, n in shed.most_common(3)]
         return out
 
 
@@ -205,8 +209,14 @@ async def one_request(
             await asyncio.sleep(rng.uniform(0, 0.3))
             return Outcome("disconnected", time.perf_counter() - start)
         status, headers = await asyncio.wait_for(read_head(reader), timeout)
-        if status == 429:
-            return Outcome("shed", time.perf_counter() - start)
+        if status == 429:  # load shed: must say so in OpenAI's shape, and when to come back
+            raw = b"".join([p async for p in body_pieces(reader, headers)])
+            error = json.loads(raw).get("error", {})
+            if error.get("type") != "server_overloaded" or "retry-after" not in headers:
+                return Outcome(
+                    "unexpected", detail=f"{path} 429 without the envelope or Retry-After: {raw[:300]!r}"
+                )
+            return Outcome("shed", time.perf_counter() - start, detail=error.get("message", ""))
         if status != 200:
             raw = b"".join([p async for p in body_pieces(reader, headers)])
             return Outcome("unexpected", detail=f"{path} {status}: {raw[:300]!r}")

@@ -143,6 +143,33 @@ def test_slow_stream_reader_does_not_slow_other_clients(tiny_checkpoint):
         engine.stop(drain=False)
 
 
+def test_a_hung_up_waiting_request_leaves_the_queue_at_once(tiny_checkpoint):
+    """Found by the load test: requests whose clients hung up still counted against MAX_QUEUE until the
+    worker's next turn, so a busy server answered 429 with room in its queue."""
+    import asyncio
+
+    import gpt2jax
+    from serving.engine import BatchEngine
+    from serving.engine_api import EngineOverloaded, GenerationRequest
+    from serving.engine_job import Job
+
+    model = gpt2jax.load(tiny_checkpoint)
+    engine = BatchEngine.from_model(model, slots=2, max_queue=1)  # not started: jobs stay queued
+    loop = asyncio.new_event_loop()
+    try:
+        job = lambda: Job(GenerationRequest(prompt=(1, 2)), model.tokenizer, model.config.eos_token_id, loop)
+        first = job()
+        engine.worker.submit(first)
+        with pytest.raises(EngineOverloaded):
+            engine.worker.submit(job())
+        engine.worker.cancel(first)  # its client hung up
+        assert engine.queue_length == 0
+        engine.worker.submit(job())  # room again at once
+        assert engine.queue_length == 1
+    finally:
+        loop.close()
+
+
 def test_a_client_that_never_reads_is_cut_off(tokenizer_dir, monkeypatch, caplog):
     """A stream nobody reads: once a write has waited SEND_TIMEOUT, the server drops the connection and
     the engine stream behind it (instead of holding both forever)."""
