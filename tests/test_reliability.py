@@ -318,8 +318,9 @@ def test_sigterm_drains_in_flight_requests(tmp_path, cache_dir):
         assert stream.readline().startswith(b"data: {")
         whole.start()
         deadline = time.monotonic() + 10
-        while srv.metrics().get("gpt2jax_engine_busy_slots", 0) < 2 and time.monotonic() < deadline:
+        while (busy := srv.metrics().get("gpt2jax_engine_busy_slots", 0)) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert busy == 2, "both requests should be generating"
         srv.proc.send_signal(15)  # SIGTERM, both requests in flight
         rest = stream.read()
         whole.join(60)
