@@ -1,10 +1,11 @@
-"""Faults and limits of the real server (issue 6): `python -m serving` in a subprocess on the shipped model.
+"""Faults and limits of the real server (issue 6).
 
-SIGTERM drains in-flight requests; a killed server restarts healthy (its compiled programs from the
-persistent cache); a stream whose reader does not read does not slow other clients; idle and half-sent
-connections are cut; a chunked body over the limit is a 413 and a stalled one a 408; API keys never
-reach the log. (A broken model folder among good ones: tests/test_model_faults.py.)
-"""
+Against `python -m serving` in a subprocess on the shipped model: SIGTERM drains in-flight requests; a
+killed server restarts healthy (its compiled programs from the persistent cache); idle and half-sent
+connections are cut; a chunked body over the limit is a 413; API keys never reach the log. In process
+(where a test can shrink socket buffers or a timeout): a stream whose reader does not read does not slow
+other clients; one that reads nothing at all is cut off; a stalled body is a 408; a hung-up request
+leaves the engine's queue at once. (A broken model folder among good ones: tests/test_model_faults.py.)"""
 
 from __future__ import annotations
 
