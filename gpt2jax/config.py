@@ -94,14 +94,15 @@ class GPT2Config:
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> GPT2Config:
         """Reads config.json (Hugging Face) or hparams.json (OpenAI) from a checkpoint folder."""
-        hf = os.path.join(path, "config.json")
-        if os.path.exists(hf):
-            with open(hf) as f:
-                return cls.from_hf_config(json.load(f))
-        oa = os.path.join(path, "hparams.json")
-        if os.path.exists(oa):
-            with open(oa) as f:
-                return cls.from_hparams(json.load(f))
+        for name, parse in (("config.json", cls.from_hf_config), ("hparams.json", cls.from_hparams)):
+            file = os.path.join(path, name)
+            if os.path.exists(file):
+                with open(file) as f:
+                    try:
+                        values = json.load(f)
+                    except ValueError as e:  # name the file, as every checkpoint error does
+                        raise ValueError(f"{file}: not valid JSON ({e})") from None
+                return parse(values)
         raise FileNotFoundError(f"{path}: no config.json or hparams.json")
 
     def num_params(self) -> int:

@@ -65,7 +65,7 @@ async def serve(
     finally:
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
-        await stop_all(registry, drain=True)
+        await stop_all(registry, drain=True, timeout=settings.graceful_timeout + 10)
     return 1 if failed else 0
 
 

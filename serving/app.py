@@ -29,6 +29,7 @@ from serving.registry import ModelRegistry
 from serving.settings import Settings
 
 access_log = logging.getLogger("serving.access")
+BODY_TIMEOUT = 30  # seconds a request body may take to arrive (a client that stalls mid-body gets 408)
 
 BLUEPRINTS = (
     routes_engines,
@@ -50,6 +51,7 @@ def create_app(settings: Settings, engines: ModelRegistry | Mapping[str, Engine]
     )
     app = Quart("gpt2jax", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT
     # Non-streaming generations can take a while; streams turn the timeout off themselves.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True

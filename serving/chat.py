@@ -19,6 +19,7 @@ from serving.generation import (
     context_error,
     merge,
 )
+from serving.limits import check_prompt_text
 from serving.registry import ServedModel
 from serving.settings import Settings
 
@@ -26,6 +27,7 @@ from serving.settings import Settings
 def prepare(req: ChatRequest, model: ServedModel, engine: Engine, settings: Settings) -> GenerationRequest:
     """Renders the transcript and builds the engine request; the reply ends at the next turn marker."""
     text, turn_markers = model.chat_template.render(req.messages)
+    check_prompt_text(text, engine, "messages")
     tok = engine.tokenizer
     ids = tok.encode(text) or [tok.eos_token_id]
     room = engine.n_ctx - len(ids)

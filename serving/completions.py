@@ -20,6 +20,7 @@ from serving.generation import (
     merge,
     start_all,
 )
+from serving.limits import check_prompt_text, keep_tail
 from serving.schemas import CompletionRequest
 
 
@@ -42,6 +43,11 @@ def tokenize_prompts(req: CompletionRequest, engine: Engine, *, truncate: bool) 
     tok, n_ctx = engine.tokenizer, engine.n_ctx
     jobs = []
     for p in req.prompts:
+        if isinstance(p, str):  # bounded before tokenizing (see serving/limits.py)
+            if truncate:
+                p = keep_tail(p, engine)
+            else:
+                check_prompt_text(p, engine, "prompt")
         ids = tok.encode(p) if isinstance(p, str) else list(p)
         check_token_ids(engine, ids, "prompt")
         ids = ids or [tok.eos_token_id]  # an empty prompt starts a new document

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from quart import Response, current_app, request
@@ -14,6 +15,8 @@ from serving.registry import ModelRegistry
 from serving.settings import Settings
 
 EXTENSION = "gpt2jax"
+# A JSON escape of a UTF-16 surrogate: valid in pairs (emoji), not text alone.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 @dataclasses.dataclass
@@ -43,7 +46,22 @@ async def json_body() -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then the (slower) full check
+        check_text(body)
     return body
+
+
+def check_text(values: Any) -> None:
+    """400 if any string in `values` holds a lone UTF-16 surrogate (JSON's "\\ud800"): not text, and
+    the tokenizer cannot take it (it was a 500)."""
+    try:
+        json.dumps(values, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(
+            400,
+            "The request has a string with a lone UTF-16 surrogate (e.g. \\ud800), which is not text.",
+            code="invalid_json",
+        ) from None
 
 
 def json_response(payload: Any, status: int = 200) -> Response:

@@ -9,6 +9,7 @@ the host; the next chunk tells the device (its `active` mask).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import secrets
@@ -123,6 +124,10 @@ class SlotWorker:
         """The consumer is gone: the job's slots are freed at the next chunk boundary."""
         job.cancelled = True
         with self.cv:
+            # Out of the queue at once, so that it does not count against max_queue until the next reap
+            # (hang-ups under load made the queue look full: 429s with room to spare).
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(job)
             self.cv.notify_all()
 
     def wait_idle(self, timeout: float | None) -> bool:

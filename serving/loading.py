@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ SHIPPED_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 
 class NoModelError(RuntimeError):
     """No model to serve; the message says how to get one."""
+
+
+class NoModelLoaded(RuntimeError):
+    """Every model failed to load: nothing to serve."""
 
 
 def is_model_dir(path: Path) -> bool:
@@ -58,20 +63,40 @@ def _models_in(root: Path) -> list[Path]:
 
 
 def registry_for(folders: list[Path], settings: Settings) -> ModelRegistry:
-    """Served models named after their folders, sized from their configs (for the legacy aliases)."""
-    models = [
-        ServedModel(
-            name=folder.name,
-            n_params=GPT2Config.from_dir(folder).num_params(),
-            path=str(folder),
-            chat_template=load_template(folder, settings.chat_template),
-        )
-        for folder in folders
-    ]
+    """Served models named after their folders, sized from their configs (for the legacy aliases).
+
+    A folder whose config or chat template cannot be read is kept as a failed model (the others are
+    served; /health names it), not an error that stops the server.
+    """
+    models = []
+    for folder in folders:
+        try:
+            n_params = GPT2Config.from_dir(folder).num_params()
+            template = load_template(folder, settings.chat_template)
+        except Exception as e:
+            log.error("model %s (%s) cannot be served: %s: %s", folder.name, folder, type(e).__name__, e)
+            models.append(
+                ServedModel(folder.name, path=str(folder), status=FAILED, error=public_error(e, folder))
+            )
+            continue
+        models.append(ServedModel(folder.name, n_params=n_params, path=str(folder), chat_template=template))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise NoModelError(f"two model folders share a name: {names}")
     return ModelRegistry(models, settings.model_aliases)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)")
+
+
+def public_error(error: BaseException, folder: str | Path | None = None) -> str:
+    """A load error as /health shows it (no key needed there): type and message, with the model folder
+    reduced to its name and any other absolute path to its last part, so no filesystem layout leaks."""
+    text = f"{type(error).__name__}: {error}"
+    if folder is not None:
+        for form in {str(folder), str(Path(folder).resolve())}:
+            text = text.replace(form, Path(folder).name)
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 async def _call(fn: Callable[..., Any], *args: Any, thread: bool = False, **kwargs: Any) -> Any:
@@ -83,9 +108,13 @@ async def _call(fn: Callable[..., Any], *args: Any, thread: bool = False, **kwar
 
 
 async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBuilder) -> None:
-    """Loads each model, builds and starts its engine, warms it up; raises on the first failure."""
+    """Loads each model, builds and starts its engine, warms it up.
+
+    A model that fails is logged with its traceback, marked failed and left out (the others are served);
+    NoModelLoaded if none is ready in the end.
+    """
     for m in registry.models.values():
-        if m.status == READY:  # given with its engine already running (tests, embedding)
+        if m.status in (READY, FAILED):  # given ready (tests, embedding), or its config was unreadable
             continue
         try:
             log.info("loading %s from %s", m.name, m.path)
@@ -100,16 +129,37 @@ async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBui
             m.status = READY
             log.info("%s is ready (%s)", m.name, model)
         except Exception as e:
-            m.status, m.error = FAILED, f"{type(e).__name__}: {e}"
-            raise
+            log.exception("model %s failed to load from %s and is not served", m.name, m.path)
+            await _stop_engine(m)
+            registry.mark_failed(m.name, public_error(e, m.path))
+    if not any(m.status == READY for m in registry.models.values()):
+        raise NoModelLoaded(
+            "no model could be loaded: " + "; ".join(f"{n}: {m.error}" for n, m in registry.models.items())
+        )
 
 
-async def stop_all(registry: ModelRegistry, drain: bool = True) -> None:
-    """Stops every started engine (after the server has finished its in-flight requests)."""
+async def _stop_engine(m: ServedModel) -> None:
+    """Stops (without draining) the engine of a model that failed after its engine was built."""
+    stop = getattr(m.engine, "stop", None)
+    m.engine = None
+    if stop is not None:
+        try:
+            await _call(stop, drain=False, thread=True)
+        except Exception:
+            log.exception("stopping the engine of %s", m.name)
+
+
+async def stop_all(registry: ModelRegistry, drain: bool = True, timeout: float | None = None) -> None:
+    """Stops every started engine (after the server has finished its in-flight requests).
+
+    timeout bounds the wait for each engine's worker (a daemon thread: one that hangs is left behind).
+    """
     for m in registry.models.values():
         stop = getattr(m.engine, "stop", None)
         if stop is not None:
-            try:
-                await _call(stop, drain=drain, thread=True)  # it may block until its worker ends
+            try:  # it may block until its worker ends
+                await asyncio.wait_for(_call(stop, drain=drain, thread=True), timeout)
+            except asyncio.TimeoutError:  # noqa: UP041 (TimeoutError only from Python 3.11)
+                log.error("the engine of %s did not stop within %ss; leaving it", m.name, timeout)
             except Exception:
                 log.exception("stopping the engine of %s", m.name)

@@ -105,7 +105,9 @@ COMPONENTS = {
         ready={"type": "boolean"},
         created={"type": "integer"},
     ),
-    "Health": _obj(status={"type": "string", "enum": ["ok", "loading", "failed", "draining"]}, models=_obj()),
+    "Health": _obj(
+        status={"type": "string", "enum": ["ok", "degraded", "loading", "failed", "draining"]}, models=_obj()
+    ),
 }
 for _name in ("Model", "Engine"):
     COMPONENTS[_name + "List"] = _obj(
@@ -118,7 +120,9 @@ def body_schema(fields: Sequence[Field]) -> dict[str, Any]:
     props = {}
     for f in fields:
         schema = dict(f.schema)
-        props[f.name] = {"anyOf": [schema, {"type": "null"}], "description": f.doc}
+        # null means "not set", which a required field cannot be
+        options = [schema] if f.required else [schema, {"type": "null"}]
+        props[f.name] = {"anyOf": options, "description": f.doc}
         if f.schema.get("type") in ("integer", "number", "boolean", "string") and f.default is not None:
             props[f.name]["default"] = f.default
     required = [f.name for f in fields if f.required]
@@ -146,15 +150,30 @@ ERROR_RESPONSES = {
 def _responses(ok: dict[str, Any], stream: bool = False) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": ok}}
     if stream:
+        # OpenAPI 3.1 has no item schema for streams: `schema` describes one event, as tools read it.
         content["text/event-stream"] = {
-            "schema": {"type": "string", "description": "data: {chunk} events, then data: [DONE]"}
+            "schema": {
+                "type": "object",
+                "properties": {"data": {"type": "string"}},
+                "description": "One server-sent event: `data: {chunk}` (a JSON chunk, or an error envelope "
+                "after the stream started), the last one `data: [DONE]`",
+            }
         }
     out: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     out |= {code: {"$ref": f"#/components/responses/{code}"} for code in _ERROR_STATUSES}
     return out
 
 
-def _op(summary: str, ok: dict[str, Any], *, body=None, query=(), stream=False, path_param=None):
+def _op(
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    body=None,
+    query=(),
+    stream=False,
+    path_param=None,
+    body_required=True,
+):
     """One operation; body names a request schema in components, query lists fields taken from the URL."""
     op: dict[str, Any] = {"summary": summary, "responses": _responses(ok, stream)}
     params = []
@@ -162,7 +181,10 @@ def _op(summary: str, ok: dict[str, Any], *, body=None, query=(), stream=False, 
         params.append({"name": path_param, "in": "path", "required": True, "schema": {"type": "string"}})
     params += [{"name": f.name, "in": "query", "schema": f.schema, "description": f.doc} for f in query]
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+        op["requestBody"] = {
+            "required": body_required,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
     if params:
         op["parameters"] = params
     return op
@@ -212,6 +234,7 @@ def build_spec() -> dict[str, Any]:
                 body="LegacyCompletionRequest",
                 stream=True,
                 path_param=eng,
+                body_required=False,  # as the original: an empty POST is a completion with the defaults
             ),
         },
     }
@@ -229,10 +252,17 @@ def build_spec() -> dict[str, Any]:
     }
     paths["/health"] = {
         "get": {
-            "summary": "200 when every model is loaded and warm, else 503 (no API key needed)",
+            "summary": "200 when every model is loaded and warm (ok), or the others are while some failed to load "
+            "(degraded), else 503 (no API key needed)",
             "responses": {
-                "200": {"description": "ready", "content": {"application/json": {"schema": _ref("Health")}}},
-                "503": {"description": "loading, failed or draining"},
+                "200": {
+                    "description": "ok or degraded",
+                    "content": {"application/json": {"schema": _ref("Health")}},
+                },
+                "503": {
+                    "description": "loading, failed or draining",
+                    "content": {"application/json": {"schema": _ref("Health")}},
+                },
             },
         }
     }
@@ -254,7 +284,10 @@ def build_spec() -> dict[str, Any]:
             "parameters": [
                 {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}
             ],
-            "responses": {"200": {"description": "CSS or JavaScript"}},
+            "responses": {
+                "200": {"description": "CSS or JavaScript"},
+                "404": {"$ref": "#/components/responses/404"},
+            },
         }
     }
     paths["/openapi.json"] = {

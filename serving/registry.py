@@ -59,13 +59,26 @@ class ModelRegistry:
 
     def __init__(self, models: Iterable[ServedModel], aliases: Iterable[tuple[str, str]] = ()) -> None:
         self.models: dict[str, ServedModel] = {m.name: m for m in models}
-        self.aliases = {
-            a: t for a, t in default_aliases(list(self.models.values())).items() if a not in self.models
-        }
-        for alias, target in aliases:
+        self.explicit_aliases = tuple(aliases)
+        for alias, target in self.explicit_aliases:
             if target not in self.models:
                 raise ValueError(f"MODEL_ALIASES: {alias}={target}, but {target!r} is not a served model")
-            self.aliases[alias] = target
+        self._set_aliases()
+
+    def _set_aliases(self) -> None:
+        """The legacy names spread over the models that have not failed, then MODEL_ALIASES over them."""
+        self.aliases = {a: t for a, t in default_aliases(self.served()).items() if a not in self.models}
+        self.aliases.update(self.explicit_aliases)
+
+    def served(self) -> list[ServedModel]:
+        """The models that are served or being loaded: all but those that failed to load."""
+        return [m for m in self.models.values() if m.status != FAILED]
+
+    def mark_failed(self, name: str, error: str) -> None:
+        """A model that could not be loaded: left out of the lists and of the legacy names."""
+        model = self.models[name]
+        model.status, model.error, model.engine = FAILED, error, None
+        self._set_aliases()
 
     @classmethod
     def from_engines(
@@ -78,11 +91,12 @@ class ModelRegistry:
     def resolve(self, name: str, param: str | None = "model") -> ServedModel:
         """The served model for a name or alias; 404 naming the served ids otherwise."""
         model = self.models.get(name) or self.models.get(self.aliases.get(name, ""))
-        if model is None:
-            served = ", ".join(self.models) or "(none)"
+        if model is None or model.status == FAILED:
+            served = ", ".join(m.name for m in self.served()) or "(none)"
+            why = "failed to load" if model is not None else "does not exist"
             raise APIError(
                 404,
-                f"The model '{name}' does not exist. Served models: {served}.",
+                f"The model '{name}' {why}. Served models: {served}.",
                 param=param,
                 code="model_not_found",
             )
@@ -101,13 +115,19 @@ class ModelRegistry:
         return model, model.engine
 
     def first(self) -> ServedModel:
-        if not self.models:
+        served = self.served()
+        if not served:
             raise APIError(404, "No model is served.", code="model_not_found")
-        return next(iter(self.models.values()))
+        return served[0]
 
     @property
     def all_ready(self) -> bool:
         return bool(self.models) and all(m.status == READY for m in self.models.values())
+
+    @property
+    def all_settled(self) -> bool:
+        """Every model is either ready or failed (none is still loading)."""
+        return all(m.status in (READY, FAILED) for m in self.models.values())
 
     def status(self) -> dict[str, dict[str, object]]:
         out: dict[str, dict[str, object]] = {}

@@ -11,7 +11,7 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
-from serving.context import json_body, json_response, state
+from serving.context import check_text, json_body, json_response, state
 from serving.fields import coerce_query
 from serving.registry import READY, ServedModel
 from serving.routes_completions import complete
@@ -33,7 +33,7 @@ def engine_object(model: ServedModel) -> dict[str, Any]:
 @blueprint.get("/v1/engines")
 @blueprint.get("/engines")
 async def list_engines() -> Response:
-    models = state().registry.models.values()
+    models = state().registry.served()  # a model that failed to load is not listed
     return json_response({"object": "list", "data": [engine_object(m) for m in models]})
 
 
@@ -51,5 +51,6 @@ async def engine_completions(engine_id: str) -> Response:
         body = await json_body()
     else:
         body = coerce_query(request.args.to_dict(flat=False), COMPLETION_FIELDS)
+        check_text(body)  # JSON text in the query may hold lone surrogates
     body["model"] = engine_id  # the engine in the path wins over a model in the body
     return await complete(body, truncate=True)

@@ -12,17 +12,22 @@ blueprint = Blueprint("health", __name__)
 
 @blueprint.get("/health")
 async def health() -> Response:
+    """ok: every model ready; degraded: the others are ready but some failed to load (200 too, since
+    the good ones serve); loading, failed (none could be loaded) and draining: 503."""
     st = state()
-    models = st.registry.status()
+    registry = st.registry
+    models = registry.status()
     if st.draining:
         status = "draining"
-    elif st.registry.all_ready:
+    elif registry.all_ready:
         status = "ok"
-    elif any(m["status"] == "failed" for m in models.values()):
-        status = "failed"
-    else:
+    elif not registry.all_settled:
         status = "loading"
-    return json_response({"status": status, "models": models}, 200 if status == "ok" else 503)
+    elif any(m.status == READY for m in registry.models.values()):
+        status = "degraded"
+    else:
+        status = "failed"
+    return json_response({"status": status, "models": models}, 200 if status in ("ok", "degraded") else 503)
 
 
 @blueprint.get("/metrics")

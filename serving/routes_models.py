@@ -27,7 +27,7 @@ def model_object(model: ServedModel) -> dict[str, Any]:
 @blueprint.get("/v1/models")
 @blueprint.get("/models")
 async def list_models() -> Response:
-    models = state().registry.models.values()
+    models = state().registry.served()  # a model that failed to load is not listed
     return json_response({"object": "list", "data": [model_object(m) for m in models]})
 
 

@@ -7,6 +7,7 @@ from quart import Blueprint, Response
 from serving.context import json_body, json_response, state
 from serving.fields import Field, parse_fields, string
 from serving.generation import check_token_ids
+from serving.limits import check_prompt_text
 from serving.schemas import token_ids
 
 blueprint = Blueprint("tokenize", __name__)
@@ -32,6 +33,7 @@ def _engine(name: str | None):
 async def tokenize() -> Response:
     v = parse_fields(await json_body(), TOKENIZE_FIELDS)
     model, engine = _engine(v["model"])
+    check_prompt_text(v["prompt"], engine, "prompt", code="prompt_too_long")
     ids = engine.tokenizer.encode(v["prompt"])
     return json_response(
         {

@@ -109,7 +109,8 @@ _STREAM_OPTIONS_SCHEMA = {"type": "object", "properties": {"include_usage": {"ty
 SAMPLING_FIELDS = (
     number("temperature", 1.0, "Sampling temperature; 0 is greedy.", 0, 2),
     number("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.", 0, 1),
-    integer("top_k", 0, "Keep only the k most likely tokens (0: off). Not in OpenAI's API.", 0),
+    # Bounded so that it fits the sampler's int32 (a larger one was a 500); any k >= the vocabulary is off.
+    integer("top_k", 0, "Keep only the k most likely tokens (0: off). Not in OpenAI's API.", 0, 2**31 - 1),
     integer("n", 1, "Choices to return for each prompt (at most MAX_N).", 1),
     Field("stop", _STOP_SCHEMA, parse_stop, (), "Up to 4 strings; generation ends before any of them."),
     number("presence_penalty", 0.0, "Subtracted from the logit of every token generated so far.", -2, 2),

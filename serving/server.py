@@ -9,6 +9,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from quart import Quart
 
+from serving.send_timeout import SendTimeout
 from serving.settings import Settings
 
 
@@ -25,6 +26,7 @@ def hypercorn_config(settings: Settings, sock: socket.socket | None = None) -> C
     config.graceful_timeout = settings.graceful_timeout  # in-flight requests get this long after SIGTERM
     config.accesslog = None  # the app logs requests itself, without query strings or headers
     config.errorlog = "-"
+    # A connection that sends nothing, or headers that never end, is closed after this (slowloris).
     config.keep_alive_timeout = 5
     return config
 
@@ -36,4 +38,5 @@ async def run_server(
     sock: socket.socket | None = None,
 ) -> None:
     """Serves until `shutdown_trigger` returns; then stops accepting and waits for in-flight requests."""
-    await serve(app, hypercorn_config(settings, sock), shutdown_trigger=shutdown_trigger)
+    # Each write to a client is bounded (Hypercorn has no write timeout): see serving/send_timeout.py.
+    await serve(SendTimeout(app), hypercorn_config(settings, sock), shutdown_trigger=shutdown_trigger)
