@@ -157,17 +157,26 @@ def attend_decode(
 
 
 class Attention(nn.Module):
+    """Causal self-attention through the KV cache.
+
+    qkv_groups: c_attn's 3E columns are this many blocks, each [q | k | v] of n_head / qkv_groups
+    consecutive heads. 1 is GPT-2's own layout; a tensor-parallel layout (gpt2jax.sharding) has one block
+    per device of the "model" mesh axis, so each device's columns hold whole heads of q, k and v.
+    """
+
     config: GPT2Config
     dtype: Any = jnp.float32
+    qkv_groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         cfg = self.config
         B, T, _ = x.shape
+        G, H, D = self.qkv_groups, cfg.n_head, cfg.head_dim
         qkv = Conv1D(3 * cfg.n_embd, self.dtype, name="c_attn")(x)  # (B, T, 3E)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        heads = lambda a: a.reshape(B, T, cfg.n_head, cfg.head_dim).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        q, k, v = heads(q), heads(k), heads(v)
+        qkv = qkv.reshape(B, T, G, 3, H // G, D)
+        heads = lambda i: qkv[:, :, :, i].reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        q, k, v = heads(0), heads(1), heads(2)
         # Head-major cache layout: XLA's CPU batched matmul with (batch, head) leading is several times
         # faster than with the time axis between them.
         k_cache, v_cache = cache  # (B, H, S, D)
@@ -203,11 +212,12 @@ class Block(nn.Module):
 
     config: GPT2Config
     dtype: Any = jnp.float32
+    qkv_groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         eps = self.config.layer_norm_epsilon
-        a, cache = Attention(self.config, self.dtype, name="attn")(
+        a, cache = Attention(self.config, self.dtype, self.qkv_groups, name="attn")(
             LayerNorm(eps, self.dtype, name="ln_1")(x), positions, cache
         )
         x = x + a
@@ -220,6 +230,7 @@ class GPT2(nn.Module):
 
     config: GPT2Config
     dtype: Any = jnp.float32  # activation dtype; params may be stored in another dtype
+    qkv_groups: int = 1  # the layout of c_attn's columns (see Attention)
 
     @nn.compact
     def __call__(
@@ -236,7 +247,7 @@ class GPT2(nn.Module):
         x = (wte[tokens] + wpe[positions]).astype(self.dtype)  # (B, T, E)
         new_cache = []
         for i in range(cfg.n_layer):
-            x, layer_cache = Block(cfg, self.dtype, name=f"h{i}")(x, positions, cache[i])
+            x, layer_cache = Block(cfg, self.dtype, self.qkv_groups, name=f"h{i}")(x, positions, cache[i])
             new_cache.append(layer_cache)
         x = LayerNorm(cfg.layer_norm_epsilon, self.dtype, name="ln_f")(x)
         if hidden_only:
@@ -252,10 +263,14 @@ def forward(
     positions: jax.Array,
     cache: KVCache,
     dtype: Any = None,
+    qkv_groups: int = 1,
 ) -> tuple[jax.Array, KVCache]:
-    """Functional entry point: logits [B, T, V] and the updated cache."""
+    """Functional entry point: logits [B, T, V] and the updated cache.
+
+    qkv_groups: the layout of c_attn's columns (1 for a checkpoint's params; see Attention).
+    """
     dtype = dtype if dtype is not None else jnp.float32
-    return GPT2(config, dtype).apply({"params": params}, tokens, positions, cache)
+    return GPT2(config, dtype, qkv_groups).apply({"params": params}, tokens, positions, cache)
 
 
 def init_params(config: GPT2Config, rng: jax.Array) -> Any:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from gpt2jax.config import GPT2Config
 from gpt2jax.lm import LanguageModel
 from gpt2jax.sampler import MIN_BUCKET, bucket
+from gpt2jax.sharding import Layout
 from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.engine_api import EngineError, Event, GenerationRequest
 from serving.engine_device import SlotPrograms, enable_compilation_cache
@@ -87,7 +88,9 @@ class BatchEngine:
     slots: decode slots (default: `default_slots`), a multiple of the device count. chunk_size: decode
     steps per device call (default: `default_chunk_size`). max_queue: requests that may wait for slots; beyond it new ones are refused
     with EngineOverloaded, as is one that waited more than queue_timeout seconds. devices: default all
-    local devices; slots are sharded over them. min_window: the shortest KV-cache window that decode is
+    local devices; slots are sharded over them. layout: a gpt2jax.sharding.Layout whose mesh the params
+    were placed on (from_model passes the model's): slots split over its data axis, the model over its
+    model axis; then `devices` is not used. min_window: the shortest KV-cache window that decode is
     compiled for (windows double up to n_ctx; each chunk uses the smallest that holds its live rows).
     `programs` (the compiled device side) and `worker` (the thread and slot table) are exposed for tests.
     """
@@ -106,7 +109,10 @@ class BatchEngine:
         queue_timeout: float = 30.0,
         devices: Sequence[jax.Device] | None = None,
         min_window: int = 128,
+        layout: Layout | None = None,
     ) -> None:
+        if layout is not None:  # slots split over the data axis: size them by its devices
+            devices = list(layout.mesh.devices[:, 0])
         devices = list(devices if devices is not None else jax.local_devices())
         self.name = name
         self.config = config
@@ -118,13 +124,16 @@ class BatchEngine:
         self.queue_timeout = queue_timeout
         self.buckets = tuple(_powers_of_two(config.n_ctx))  # prefill lengths
         self.metrics = EngineMetrics(lambda: self.queue_length, lambda: self.busy_slots, self.slots)
-        self.programs = SlotPrograms(config, params, dtype, self.slots, self.chunk_size, devices, min_window)
+        self.programs = SlotPrograms(
+            config, params, dtype, self.slots, self.chunk_size, devices, min_window, layout
+        )
         self.worker = SlotWorker(self, self.programs)
 
     @classmethod
     def from_model(cls, model: LanguageModel, **options: Any) -> BatchEngine:
         """An engine for a loaded LanguageModel; options as for the constructor."""
         options.setdefault("name", model.name or "gpt2")
+        options.setdefault("layout", model.layout)  # a model loaded onto a mesh is served on it
         return cls(model.config, model.params, model.tokenizer, dtype=model.dtype, **options)
 
     # ---- views ----
