@@ -144,30 +144,12 @@ class Layout:
 
     def check(self, config: Any, slots: int | None = None) -> None:
         """Raises ShardingError, saying what to change, if the model (or `slots`) does not split."""
-        m = self.model
-        if config.n_head % m:
-            raise ShardingError(
-                f"the model axis ({m}) must divide n_head ({config.n_head}): attention heads are split "
-                f"whole over it; choose a model axis size that divides {config.n_head}"
-            )
-        if (4 * config.n_embd) % m:
-            raise ShardingError(
-                f"the model axis ({m}) must divide the MLP width 4*n_embd ({4 * config.n_embd})"
-            )
-        if slots is not None and slots % self.data:
-            raise ShardingError(f"slots ({slots}) must be a multiple of the data axis ({self.data})")
+        check_split(config, self.data, self.model, slots)
 
     # ---- params ----
 
     def param_specs(self, params: Any) -> Any:
-        """A PartitionSpec per param leaf (see the module docstring)."""
-
-        def spec(path: tuple[Any, ...], leaf: Any) -> P:
-            names = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
-            split = _SPLIT.get(tuple(names[-3:-1]))
-            return P() if split is None else split[0 if names[-1] == "w" else 1]
-
-        return jax.tree_util.tree_map_with_path(spec, params)
+        return param_specs(params)
 
     def param_shardings(self, params: Any) -> Any:
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(params))
@@ -203,6 +185,34 @@ class Layout:
             for shard in leaf.addressable_shards:
                 held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
         return held
+
+
+def check_split(config: Any, data: int, model: int, slots: int | None = None) -> None:
+    """Raises ShardingError, saying what to change, if the model (or `slots`) does not split over the mesh."""
+    if config.n_head % model:
+        raise ShardingError(
+            f"the model axis ({model}) must divide n_head ({config.n_head}): attention heads are split "
+            f"whole over it; choose a model axis size that divides {config.n_head}"
+        )  # n_head divides n_embd, so the MLP's 4*n_embd columns split as well
+    if slots is not None and slots % data:
+        raise ShardingError(f"slots ({slots}) must be a multiple of the data axis ({data})")
+
+
+def param_specs(params: Any) -> Any:
+    """A PartitionSpec per param leaf (see the module docstring); works on shapes as well as arrays."""
+
+    def spec(path: tuple[Any, ...], leaf: Any) -> P:
+        names = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+        split = _SPLIT.get(tuple(names[-3:-1]))
+        return P() if split is None else split[0 if names[-1] == "w" else 1]
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_shape(shape: tuple[int, ...], spec: P, axis_sizes: dict[str, int]) -> tuple[int, ...]:
+    """The shape of one device's part of an array of `shape` split by `spec` over axes of these sizes."""
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return tuple(n // (axis_sizes[a] if a else 1) for n, a in zip(shape, spec, strict=True))
 
 
 def param_bytes_per_device(config: Any, model: int, itemsize: int = 4) -> int:

@@ -1,0 +1,154 @@
+"""Meshes and the tensor-parallel layout (gpt2jax/sharding.py).
+
+The test that matters runs the model on 8 forced CPU devices (a subprocess: the device count is fixed
+when JAX starts) with data-parallel, tensor-parallel and mixed meshes, and compares with one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import make_hf_checkpoint
+
+import gpt2jax
+from gpt2jax.config import GPT2Config, preset
+from gpt2jax.model import forward, init_cache, init_params
+from gpt2jax.sharding import (
+    MODEL,
+    MeshShape,
+    ShardingError,
+    check_split,
+    group_qkv,
+    param_bytes_per_device,
+    param_specs,
+    shard_shape,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MESHES = ["data:8", "model:8", "data:2,model:4", "data:4,model:2"]
+
+
+def test_mesh_shapes_parse_and_resolve():
+    assert MeshShape.parse("data:4,model:2").resolve(8) == (4, 2)
+    assert MeshShape.parse("model:4").resolve(8) == (2, 4)
+    assert MeshShape.parse("").resolve(8) == MeshShape.parse(None).resolve(8) == (8, 1)
+    assert MeshShape.parse(" model:2 , data:1 ").resolve(2) == (1, 2)
+    for bad in ("data=4", "data:0", "tensor:2", "model:x", "data:2,data:2"):
+        with pytest.raises(ShardingError, match="data:4,model:2"):
+            MeshShape.parse(bad)
+    with pytest.raises(ShardingError, match="does not match the 8 devices"):
+        MeshShape.parse("data:4,model:4").resolve(8)
+    with pytest.raises(ShardingError, match="does not match the 8 devices"):
+        MeshShape.parse("model:3").resolve(8)
+
+
+def test_shapes_that_do_not_split_are_refused_with_the_reason():
+    config = GPT2Config(n_embd=1600, n_head=25, n_layer=1)  # 1558M's heads
+    check_split(config, data=2, model=5, slots=16)
+    with pytest.raises(ShardingError, match=r"model axis \(2\) must divide n_head \(25\)"):
+        check_split(config, data=4, model=2)
+    with pytest.raises(ShardingError, match=r"slots \(6\) must be a multiple of the data axis \(4\)"):
+        check_split(preset("124M"), data=4, model=2, slots=6)
+
+
+def test_a_mesh_larger_than_the_devices_is_refused(tiny_checkpoint):
+    with pytest.raises(ShardingError, match=f"does not match the {len(jax.devices())} devices"):
+        gpt2jax.load(tiny_checkpoint, mesh=f"model:{len(jax.devices()) + 1}")
+
+
+def test_grouped_qkv_is_the_same_model():
+    """Regrouping c_attn's columns by heads, read back with qkv_groups, changes no logit (one device)."""
+    config = GPT2Config(n_vocab=97, n_ctx=32, n_embd=64, n_head=8, n_layer=2)
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 9)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(9, dtype=np.int32), (2, 9))
+    logits = lambda p, groups: forward(
+        p, config, tokens, positions, init_cache(config, 2, 9), qkv_groups=groups
+    )[0]
+    reference = logits(params, 1)
+    for groups in (2, 4, 8):
+        grouped = group_qkv(params, groups)
+        assert not np.array_equal(grouped["h0"]["attn"]["c_attn"]["w"], params["h0"]["attn"]["c_attn"]["w"])
+        np.testing.assert_allclose(logits(grouped, groups), reference, atol=1e-5)
+        back = group_qkv(grouped, groups, inverse=True)
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(a, b)
+        # Group g of the columns holds heads g*H/G.. of q, then of k, then of v.
+        w, width = grouped["h1"]["attn"]["c_attn"]["w"], 64 // groups
+        orig = params["h1"]["attn"]["c_attn"]["w"]
+        np.testing.assert_array_equal(w[:, 3 * width : 4 * width], orig[:, width : 2 * width])  # q of group 1
+        np.testing.assert_array_equal(w[:, 4 * width : 5 * width], orig[:, 64 + width : 64 + 2 * width])  # k
+
+
+def test_1558m_fits_on_devices_that_could_not_hold_it():
+    """1558M's weights (from its shapes, nothing allocated): each device holds 1/model of the big ones."""
+    config = preset("1558M")
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    specs = param_specs(shapes)
+    total = sum(np.prod(s.shape) * 4 for s in jax.tree.leaves(shapes))
+    assert total == config.num_params() * 4 and 6.2e9 < total < 6.3e9  # fp32
+    held = {}
+    for model in (1, 5, 25):  # the divisors of its 25 heads
+        sizes = {"data": 1, MODEL: model}
+        held[model] = sum(
+            np.prod(shard_shape(s.shape, spec, sizes)) * 4
+            for s, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs), strict=True)
+        )
+        assert held[model] == param_bytes_per_device(config, model)
+    split = (held[1] - held[5]) * 5 // 4  # held[m] = split / m + whole
+    assert split / total > 0.94  # the layers' matrices are 95% of the model: they are what splits
+    assert held[1] == total
+    assert held[5] < 1.6e9  # fits a 2 GB device with room for the KV cache, where 6.2 GB would not
+
+
+@pytest.fixture(scope="module")
+def checkpoint8(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer, 64-wide random GPT-2 with 8 heads, so that a model axis of 8 has one head per device."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("tiny-8-heads"), tokenizer_dir, n_head=8)
+
+
+def test_meshes_give_the_outputs_of_one_device(checkpoint8):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "mesh_check.py"), str(checkpoint8), *MESHES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,  # a collective that hangs ends the run rather than the suite
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    results = out["results"]
+    one = results.pop("one")
+    config = GPT2Config.from_dir(checkpoint8)
+    assert set(results) == set(MESHES)
+    for name, r in results.items():
+        data, model = r["mesh"]["data"], r["mesh"]["model"]
+        assert data * model == 8, name
+        assert r["logits_max_diff"] < 1e-4, name
+        for run, got in r["library"].items():
+            want = one["library"][run]
+            assert got["tokens"] == want["tokens"], (name, run)  # greedy and seeded tokens identical
+            for a, b in zip(got["logprobs"], want["logprobs"], strict=True):
+                np.testing.assert_allclose(a, b, atol=1e-4)
+        assert len(r["engine"]) == len(one["engine"])
+        for got, want in zip(r["engine"], one["engine"], strict=True):
+            for a, b in zip(got, want, strict=True):
+                assert {k: v for k, v in a.items() if k != "logprobs"} == {
+                    k: v for k, v in b.items() if k != "logprobs"
+                }, name
+                np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-4)
+        # Each device holds its 1/model of the layers' matrices (read from the arrays' own shards).
+        w = r["weights"]
+        assert w["per_device"] == [param_bytes_per_device(config, model)], name
+        assert w["c_fc_shard_shapes"] == [[64, 256 // model]], name
+    assert results["model:8"]["weights"]["per_device"][0] < one["weights"]["total"] / 2
