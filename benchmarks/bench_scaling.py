@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         layout.check(config)
         with jax.default_device(jax.devices("cpu")[0]):  # host weights: no device holds them whole
             host = random_params(config)
-        params = layout.shard_params(host, dtype)
+        params = layout.shard_params(host, config, dtype)
         runs = {}
         if not args.no_hf:
             try:

@@ -67,7 +67,7 @@ class LanguageModel:
             self.params = jax.device_put(params)
         else:
             layout.check(config)
-            self.params = layout.shard_params(params, dtype)
+            self.params = layout.shard_params(params, config, dtype)
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.name = name

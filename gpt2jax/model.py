@@ -28,10 +28,17 @@ LayerCache = tuple[jax.Array, jax.Array]
 KVCache = tuple[LayerCache, ...]
 
 
-def init_cache(config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-    """A zeroed KV cache for `batch` rows of up to `length` positions."""
-    shape = (batch, config.n_head, length, config.head_dim)
+def init_cache(
+    config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32, qkv_groups: int = 1
+) -> KVCache:
+    """A zeroed KV cache for `batch` rows of up to `length` positions (heads: see `padded_heads`)."""
+    shape = (batch, padded_heads(config.n_head, qkv_groups), length, config.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
+
+
+def padded_heads(n_head: int, qkv_groups: int) -> int:
+    """Attention heads in params laid out in `qkv_groups` groups: n_head rounded up to a multiple."""
+    return -(-n_head // qkv_groups) * qkv_groups
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -159,9 +166,11 @@ def attend_decode(
 class Attention(nn.Module):
     """Causal self-attention through the KV cache.
 
-    qkv_groups: c_attn's 3E columns are this many blocks, each [q | k | v] of n_head / qkv_groups
-    consecutive heads. 1 is GPT-2's own layout; a tensor-parallel layout (gpt2jax.sharding) has one block
-    per device of the "model" mesh axis, so each device's columns hold whole heads of q, k and v.
+    qkv_groups (G): c_attn's columns are G blocks, each [q | k | v] of H / G consecutive heads, where H is
+    n_head rounded up to a multiple of G. 1 is GPT-2's own layout; a tensor-parallel layout
+    (gpt2jax.sharding) has one block per device of the "model" mesh axis, so that each device's columns
+    hold whole heads. Heads beyond n_head (when G does not divide it) have zero weights in c_attn and zero
+    rows in c_proj: their values are zero, so they add exactly nothing.
     """
 
     config: GPT2Config
@@ -172,8 +181,8 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         cfg = self.config
         B, T, _ = x.shape
-        G, H, D = self.qkv_groups, cfg.n_head, cfg.head_dim
-        qkv = Conv1D(3 * cfg.n_embd, self.dtype, name="c_attn")(x)  # (B, T, 3E)
+        G, H, D = self.qkv_groups, padded_heads(cfg.n_head, self.qkv_groups), cfg.head_dim
+        qkv = Conv1D(3 * H * D, self.dtype, name="c_attn")(x)  # (B, T, 3E) when H = n_head
         qkv = qkv.reshape(B, T, G, 3, H // G, D)
         heads = lambda i: qkv[:, :, :, i].reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
         q, k, v = heads(0), heads(1), heads(2)
@@ -193,7 +202,7 @@ class Attention(nn.Module):
             v_cache = write_cache(v_cache, v.astype(v_cache.dtype), start)
             visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]  # (B, T, S)
             out = attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), visible)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, cfg.n_embd)  # (B, T, E)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, E) when H = n_head
         return Conv1D(cfg.n_embd, self.dtype, name="c_proj")(out), (k_cache, v_cache)
 
 

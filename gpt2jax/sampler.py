@@ -101,7 +101,7 @@ class Sampler:
         self.compilations += 1
         B, P = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-        cache = init_cache(self.config, B, cache_len, self.dtype)
+        cache = init_cache(self.config, B, cache_len, self.dtype, self.qkv_groups)
         if self.layout is not None:
             split_rows = B % self.layout.data == 0
             cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows))

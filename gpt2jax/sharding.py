@@ -15,17 +15,20 @@ and cache's shardings and inserts the two all-reduces per layer. The one thing t
 c_attn: its 3E columns are [q | k | v], and a contiguous split of them would give a device some of q's
 heads and none of v's. `Layout.shard_params` stores them permuted into `model` blocks of [q | k | v] of
 consecutive heads (see gpt2jax.model.Attention's `qkv_groups`), so device d's block is exactly its heads.
+When the model axis does not divide n_head (1558M has 25 heads), zero heads pad the attention to a
+multiple of it: they change no output (their values and c_proj rows are zero) and cost their compute.
 
     mesh = make_mesh("data:4,model:2")      # 8 devices; MESH in the server's settings
     layout = Layout(mesh)
     layout.check(config, slots=16)          # clear errors for shapes that do not split
-    params = layout.shard_params(params)    # host (or device) params -> each device its part
+    params = layout.shard_params(params, config)   # host (or device) params -> each device its part
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,7 +36,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gpt2jax.model import padded_heads
+
 DATA, MODEL = "data", "model"
+log = logging.getLogger("gpt2jax.sharding")
 
 # Params split over "model", by their path's last three names: the spec of w and of b.
 _COLUMNS = (P(None, MODEL), P(MODEL))  # output features split
@@ -154,14 +160,14 @@ class Layout:
     def param_shardings(self, params: Any) -> Any:
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(params))
 
-    def shard_params(self, params: Any, dtype: Any = None) -> Any:
-        """Checkpoint-layout params (numpy or jax arrays) placed on the mesh, c_attn grouped by device.
+    def shard_params(self, params: Any, config: Any, dtype: Any = None) -> Any:
+        """Checkpoint-layout params (numpy or jax arrays) placed on the mesh, attention grouped by device.
 
         Each device receives only its own part (built by `jax.make_array_from_callback`), so a model
         bigger than one device is never gathered on one; with several processes, each places the parts
         of its own devices (every process passes the same params). dtype: cast on the host first.
         """
-        params = group_qkv(params, self.model)
+        params = group_heads(params, config.n_head, self.model)
         shardings = self.param_shardings(params)
 
         def place(leaf: Any, sharding: NamedSharding) -> jax.Array:
@@ -172,9 +178,9 @@ class Layout:
 
         return jax.tree.map(place, params, shardings)
 
-    def unshard_params(self, params: Any) -> Any:
+    def unshard_params(self, params: Any, config: Any) -> Any:
         """Placed params back to the checkpoint layout, as host numpy arrays (for saving, comparing)."""
-        return group_qkv(jax.tree.map(np.asarray, params), self.model, inverse=True)
+        return group_heads(jax.tree.map(np.asarray, params), config.n_head, self.model, inverse=True)
 
     # ---- memory ----
 
@@ -188,14 +194,25 @@ class Layout:
 
 
 def check_split(config: Any, data: int, model: int, slots: int | None = None) -> None:
-    """Raises ShardingError, saying what to change, if the model (or `slots`) does not split over the mesh."""
-    if config.n_head % model:
+    """Raises ShardingError, saying what to change, if the model (or `slots`) does not split over the mesh.
+
+    n_head need not be a multiple of the model axis: the attention is then padded with zero heads (see
+    gpt2jax.model.Attention), e.g. 1558M's 25 heads to 28 over 4 devices (12% more attention work).
+    """
+    if (4 * config.n_embd) % model:
         raise ShardingError(
-            f"the model axis ({model}) must divide n_head ({config.n_head}): attention heads are split "
-            f"whole over it; choose a model axis size that divides {config.n_head}"
-        )  # n_head divides n_embd, so the MLP's 4*n_embd columns split as well
+            f"the model axis ({model}) must divide the MLP width 4*n_embd ({4 * config.n_embd}): choose a "
+            "model axis size that does"
+        )
     if slots is not None and slots % data:
         raise ShardingError(f"slots ({slots}) must be a multiple of the data axis ({data})")
+    if config.n_head % model:
+        log.warning(
+            "n_head %d does not split over a model axis of %d: padded with %d zero heads",
+            config.n_head,
+            model,
+            padded_heads(config.n_head, model) - config.n_head,
+        )
 
 
 def param_specs(params: Any) -> Any:
@@ -219,40 +236,58 @@ def param_bytes_per_device(config: Any, model: int, itemsize: int = 4) -> int:
     """What one device holds of a model's weights when the model axis has `model` devices.
 
     Computed from the shapes, as Layout.param_specs splits them: the four big matrices of each layer and
-    the column biases are divided by `model`; embeddings, LayerNorms and output biases are whole.
+    the column biases are divided by `model` (the attention's padded to whole heads per device);
+    embeddings, LayerNorms and output biases are whole.
     """
     e, layers = config.n_embd, config.n_layer
-    split = layers * (e * 3 * e + 3 * e + e * e + e * 4 * e + 4 * e + 4 * e * e)
+    a = padded_heads(config.n_head, model) * config.head_dim  # attention width
+    split = layers * (e * 3 * a + 3 * a + a * e + e * 4 * e + 4 * e + 4 * e * e)
     whole = config.n_vocab * e + config.n_ctx * e + layers * (4 * e + 2 * e) + 2 * e
     return (split // model + whole) * itemsize
 
 
-def group_qkv(params: Any, groups: int, inverse: bool = False) -> Any:
-    """c_attn's columns from [q | k | v] to `groups` blocks of [q | k | v] over consecutive heads (or back).
+def group_heads(params: Any, n_head: int, groups: int, inverse: bool = False) -> Any:
+    """The attention's params from GPT-2's layout to `groups` groups of whole heads (or back).
 
-    Column s*E + h*D + d (s in q, k, v; head h) moves to g*(3E/G) + s*(E/G) + (h mod H/G)*D + d, where
-    g = h // (H/G): a contiguous split of the columns into G parts then gives each part whole heads of
-    q, k and v. groups 1 is the identity. Host-side numpy; other leaves are returned as they are.
+    c_attn's columns [q | k | v] (each n_head heads of D) become G blocks [q | k | v] of H/G consecutive
+    heads, H = n_head rounded up to a multiple of G (gpt2jax.model.padded_heads): a contiguous split of
+    the columns into G parts then gives each part whole heads of q, k and v. Heads beyond n_head get zero
+    columns in c_attn and zero rows in c_proj. groups 1 is the identity. Host-side numpy.
     """
     if groups == 1:
         return params
+    H, Hp = n_head, padded_heads(n_head, groups)
 
-    def regroup(a: Any) -> np.ndarray:
-        a = np.asarray(a)
-        lead, width = a.shape[:-1], a.shape[-1]
-        e = width // 3
-        if e % groups:
-            raise ShardingError(f"c_attn's width {width} does not split into {groups} groups of heads")
-        split = (3, groups, e // groups) if not inverse else (groups, 3, e // groups)
-        n = len(lead)
-        return a.reshape(*lead, *split).transpose(*range(n), n + 1, n, n + 2).reshape(a.shape)
+    def attention(c_attn: Any, c_proj: Any) -> tuple[dict, dict]:
+        w = np.asarray(c_attn["w"])
+        D = w.shape[1] // (3 * (Hp if inverse else H))
 
-    def walk(tree: Any, path: tuple[str, ...]) -> Any:
-        if isinstance(tree, dict):
-            return {k: walk(v, (*path, k)) for k, v in tree.items()}
-        return regroup(tree) if path[-3:-1] == ("attn", "c_attn") else tree
+        def regroup(a: np.ndarray) -> np.ndarray:
+            a, lead = np.asarray(a), a.shape[:-1]
+            if inverse:  # (.., G, 3, Hp/G, D) -> (.., 3, Hp, D) -> drop the padding heads
+                a = np.moveaxis(a.reshape(*lead, groups, 3, Hp // groups, D), -3, -4)
+                return a.reshape(*lead, 3, Hp, D)[..., :H, :].reshape(*lead, 3 * H * D)
+            a = a.reshape(*lead, 3, H, D)
+            a = np.concatenate([a, np.zeros((*lead, 3, Hp - H, D), a.dtype)], axis=-2)
+            a = np.moveaxis(a.reshape(*lead, 3, groups, Hp // groups, D), -4, -3)  # (.., G, 3, Hp/G, D)
+            return a.reshape(*lead, 3 * Hp * D)
 
-    return walk(params, ())
+        rows = np.asarray(c_proj["w"])  # [heads * D, E]
+        if inverse:
+            rows = rows[: H * D]
+        else:
+            rows = np.concatenate([rows, np.zeros(((Hp - H) * D, rows.shape[1]), rows.dtype)])
+        return {**c_attn, "w": regroup(w), "b": regroup(c_attn["b"])}, {**c_proj, "w": rows}
+
+    def walk(tree: Any) -> Any:
+        if not isinstance(tree, Mapping):
+            return tree
+        out = {k: walk(v) for k, v in tree.items()}
+        if "c_attn" in out and "c_proj" in out:  # a layer's attn
+            out["c_attn"], out["c_proj"] = attention(out["c_attn"], out["c_proj"])
+        return out
+
+    return walk(params)
 
 
 def mesh_summary(mesh: Mesh) -> str:

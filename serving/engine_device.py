@@ -174,7 +174,7 @@ class SlotPrograms:
         checkpoint-layout params, replicated over `devices` (default: all) on the data axis."""
         if layout is None:
             layout = Layout(make_mesh(devices=devices))
-            params = layout.shard_params(params)
+            params = layout.shard_params(params, config)
         layout.check(config, slots)
         self.config, self.dtype, self.slots, self.chunk_size = config, dtype, slots, chunk_size
         # Decode attends over a window of the cache (the first `window` positions), compiled for each
@@ -250,7 +250,7 @@ class SlotPrograms:
             logit_bias=jnp.zeros((S, V), jnp.float32),
             rng=jnp.zeros((S, 2), jnp.uint32),
         )
-        cache = init_cache(self.config, S, self.config.n_ctx, self.dtype)
+        cache = init_cache(self.config, S, self.config.n_ctx, self.dtype, self.layout.qkv_groups)
         return SlotState(
             cache=cache,
             token=zeros(jnp.int32),
@@ -267,7 +267,7 @@ class SlotPrograms:
     def _prefill_impl(self, params: Any, tokens: jax.Array, length: jax.Array, score: bool) -> Prefilled:
         P_ = tokens.shape[1]
         positions = jnp.arange(P_, dtype=jnp.int32)[None]  # (1, P)
-        cache = init_cache(self.config, 1, P_, self.dtype)
+        cache = init_cache(self.config, 1, P_, self.dtype, self.layout.qkv_groups)
         cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows=False))
         logits, cache = forward(
             params, self.config, tokens, positions, cache, self.dtype, self.layout.qkv_groups

@@ -51,7 +51,9 @@ def library(lm: gpt2jax.LanguageModel) -> tuple[np.ndarray, dict]:
     positions = np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16))
 
     def logits_of(params, tokens, positions):
-        cache = jax.lax.with_sharding_constraint(init_cache(cfg, 8, 16), layout.cache_sharding())
+        cache = jax.lax.with_sharding_constraint(
+            init_cache(cfg, 8, 16, qkv_groups=layout.qkv_groups), layout.cache_sharding()
+        )
         return forward(params, cfg, tokens, positions, cache, qkv_groups=layout.qkv_groups)[0]
 
     logits = np.asarray(jax.jit(logits_of)(lm.params, *jax.device_put((tokens, positions), layout.rows)))

@@ -10,22 +10,24 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_hf_checkpoint
 
 import gpt2jax
 from gpt2jax.config import GPT2Config, preset
-from gpt2jax.model import forward, init_cache, init_params
+from gpt2jax.model import GPT2, forward, init_cache, init_params
 from gpt2jax.sharding import (
     MODEL,
     MeshShape,
     ShardingError,
     check_split,
-    group_qkv,
+    group_heads,
     param_bytes_per_device,
     param_specs,
     shard_shape,
@@ -51,11 +53,11 @@ def test_mesh_shapes_parse_and_resolve():
         MeshShape.parse("model:3").resolve(8)
 
 
-def test_shapes_that_do_not_split_are_refused_with_the_reason():
-    config = GPT2Config(n_embd=1600, n_head=25, n_layer=1)  # 1558M's heads
-    check_split(config, data=2, model=5, slots=16)
-    with pytest.raises(ShardingError, match=r"model axis \(2\) must divide n_head \(25\)"):
-        check_split(config, data=4, model=2)
+def test_shapes_that_do_not_split_are_refused_with_the_reason(caplog):
+    check_split(preset("1558M"), data=2, model=4, slots=16)  # 25 heads: padded to 28, with a warning
+    assert "padded with 3 zero heads" in caplog.text
+    with pytest.raises(ShardingError, match=r"model axis \(3\) must divide the MLP width 4\*n_embd \(40\)"):
+        check_split(GPT2Config(n_embd=10, n_head=2, n_layer=1), data=1, model=3)
     with pytest.raises(ShardingError, match=r"slots \(6\) must be a multiple of the data axis \(4\)"):
         check_split(preset("124M"), data=4, model=2, slots=6)
 
@@ -65,29 +67,34 @@ def test_a_mesh_larger_than_the_devices_is_refused(tiny_checkpoint):
         gpt2jax.load(tiny_checkpoint, mesh=f"model:{len(jax.devices()) + 1}")
 
 
-def test_grouped_qkv_is_the_same_model():
-    """Regrouping c_attn's columns by heads, read back with qkv_groups, changes no logit (one device)."""
+def test_heads_grouped_by_device_are_the_same_model():
+    """Regrouping the attention by heads (padded with zero heads where the groups do not divide n_head),
+    read back with qkv_groups, changes no logit (on one device)."""
     config = GPT2Config(n_vocab=97, n_ctx=32, n_embd=64, n_head=8, n_layer=2)
     params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
     tokens = np.random.default_rng(0).integers(0, 97, (2, 9)).astype(np.int32)
     positions = np.broadcast_to(np.arange(9, dtype=np.int32), (2, 9))
-    cache = init_cache(config, 2, 9)
-    logits = jax.jit(
-        lambda p, groups: forward(p, config, tokens, positions, cache, qkv_groups=groups)[0], static_argnums=1
-    )
+
+    @partial(jax.jit, static_argnums=1)
+    def logits(p, groups):
+        return forward(
+            p, config, tokens, positions, init_cache(config, 2, 9, qkv_groups=groups), qkv_groups=groups
+        )[0]
+
     reference = logits(params, 1)
-    for groups in (2, 8):
-        grouped = group_qkv(params, groups)
-        assert not np.array_equal(grouped["h0"]["attn"]["c_attn"]["w"], params["h0"]["attn"]["c_attn"]["w"])
+    for groups in (2, 3, 16):  # whole heads; 9 heads (one zero head); 16 heads, one per group
+        grouped = group_heads(params, config.n_head, groups)
         np.testing.assert_allclose(logits(grouped, groups), reference, atol=1e-5)
-        back = group_qkv(grouped, groups, inverse=True)
+        back = group_heads(grouped, config.n_head, groups, inverse=True)
         for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
             np.testing.assert_array_equal(a, b)
-        # Group g of the columns holds heads g*H/G.. of q, then of k, then of v.
-        w, width = grouped["h1"]["attn"]["c_attn"]["w"], 64 // groups
-        orig = params["h1"]["attn"]["c_attn"]["w"]
-        np.testing.assert_array_equal(w[:, 3 * width : 4 * width], orig[:, width : 2 * width])  # q of group 1
-        np.testing.assert_array_equal(w[:, 4 * width : 5 * width], orig[:, 64 + width : 64 + 2 * width])  # k
+    # Group g of the columns holds heads g*H/G.. of q, then of k, then of v (D = 8, 4 heads per group).
+    w, orig = group_heads(params, 8, 2)["h1"]["attn"]["c_attn"]["w"], params["h1"]["attn"]["c_attn"]["w"]
+    np.testing.assert_array_equal(w[:, 96:128], orig[:, 32:64])  # group 1's q: heads 4..7 of q
+    np.testing.assert_array_equal(w[:, 128:160], orig[:, 96:128])  # group 1's k
+    padded = group_heads(params, 8, 3)["h0"]["attn"]
+    assert padded["c_attn"]["w"].shape == (64, 3 * 9 * 8) and padded["c_proj"]["w"].shape == (9 * 8, 64)
+    assert not padded["c_proj"]["w"][64:].any()  # the zero head's output rows
 
 
 def test_1558m_fits_on_devices_that_could_not_hold_it():
@@ -98,30 +105,37 @@ def test_1558m_fits_on_devices_that_could_not_hold_it():
     total = sum(np.prod(s.shape) * 4 for s in jax.tree.leaves(shapes))
     assert total == config.num_params() * 4 and 6.2e9 < total < 6.3e9  # fp32
     held = {}
-    for model in (1, 5, 25):  # the divisors of its 25 heads
+    for model in (1, 2, 4, 8):  # 25 heads: padded to 26, 28, 32
         sizes = {"data": 1, MODEL: model}
+        grouped = jax.eval_shape(partial(grouped_params, config, model))  # the model's own shapes
         held[model] = sum(
             np.prod(shard_shape(s.shape, spec, sizes)) * 4
-            for s, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs), strict=True)
+            for s, spec in zip(jax.tree.leaves(grouped), jax.tree.leaves(specs), strict=True)
         )
         assert held[model] == param_bytes_per_device(config, model)
-    split = (held[1] - held[5]) * 5 // 4  # held[m] = split / m + whole
-    assert split / total > 0.94  # the layers' matrices are 95% of the model: they are what splits
     assert held[1] == total
-    assert held[5] < 1.6e9  # fits a 2 GB device with room for the KV cache, where 6.2 GB would not
+    # fp32: 6.23 GB on one device; 3.32 over 2 (26 heads), 1.86 over 4 (28 heads), 1.14 over 8 (32 heads).
+    assert held[1] > 6.2e9 and held[2] < 3.4e9 and held[4] < 1.9e9 and held[8] < 1.2e9
+
+
+def grouped_params(config: GPT2Config, groups: int):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    cache = init_cache(config, 1, 1, qkv_groups=groups)
+    return GPT2(config, qkv_groups=groups).init(jax.random.key(0), tokens, tokens, cache)["params"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint8(tmp_path_factory, tokenizer_dir) -> Path:
-    """A 2-layer, 64-wide random GPT-2 with 8 heads, so that a model axis of 8 has one head per device."""
-    return make_hf_checkpoint(tmp_path_factory.mktemp("tiny-8-heads"), tokenizer_dir, n_head=8)
+def checkpoint12(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer, 96-wide random GPT-2 with 12 heads (as 124M): model axes of 2 and 4 split its heads
+    evenly, 8 pads them to 16 (two per device, the last two devices' all zero)."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("tiny-12-heads"), tokenizer_dir, n_embd=96, n_head=12)
 
 
-def test_meshes_give_the_outputs_of_one_device(checkpoint8):
+def test_meshes_give_the_outputs_of_one_device(checkpoint12):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "mesh_check.py"), str(checkpoint8), *MESHES],
+        [sys.executable, str(ROOT / "tests" / "mesh_check.py"), str(checkpoint12), *MESHES],
         env=env,
         capture_output=True,
         text=True,
@@ -132,7 +146,7 @@ def test_meshes_give_the_outputs_of_one_device(checkpoint8):
     assert out["devices"] == 8
     results = out["results"]
     one = results.pop("one")
-    config = GPT2Config.from_dir(checkpoint8)
+    config = GPT2Config.from_dir(checkpoint12)
     assert set(results) == set(MESHES)
     for name, r in results.items():
         data, model = r["mesh"]["data"], r["mesh"]["model"]
@@ -153,5 +167,5 @@ def test_meshes_give_the_outputs_of_one_device(checkpoint8):
         # Each device holds its 1/model of the layers' matrices (read from the arrays' own shards).
         w = r["weights"]
         assert w["per_device"] == [param_bytes_per_device(config, model)], name
-        assert w["c_fc_shard_shapes"] == [[64, 256 // model]], name
+        assert w["c_fc_shard_shapes"] == [[96, 384 // model]], name
     assert results["model:8"]["weights"]["per_device"][0] < one["weights"]["total"] / 2
