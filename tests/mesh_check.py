@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -66,13 +67,19 @@ def library(lm: gpt2jax.LanguageModel) -> tuple[np.ndarray, dict]:
     return logits, out
 
 
-def engine_results(lm: gpt2jax.LanguageModel) -> list:
+def engine_results(lm: gpt2jax.LanguageModel) -> tuple[list, dict]:
+    """The mixed workload's results, and the collectives in the compiled decode step."""
     engine = BatchEngine.from_model(lm, slots=8, chunk_size=4, min_window=128)
     engine.start()
     try:
-        return summary(asyncio.run(run_batched(engine, mixed_requests(lm.tokenizer)[:10])))
+        results = summary(asyncio.run(run_batched(engine, mixed_requests(lm.tokenizer)[:10])))
     finally:
         engine.stop()
+    p = engine.programs
+    active = p.put(np.ones(p.slots, bool), p.by_slot)
+    hlo = p._decode[p.windows[-1]].lower(p.params, p.init_state(), active).compile().as_text()
+    ops = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+    return results, {op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in ops}
 
 
 def weights_per_device(lm: gpt2jax.LanguageModel) -> dict:
@@ -96,11 +103,13 @@ def main(checkpoint: str, meshes: list[str]) -> None:
         lm = gpt2jax.load(checkpoint, mesh=mesh)
         logits, lib = library(lm)
         reference = logits if reference is None else reference
+        engine, collectives = engine_results(lm)
         results[name] = {
             "mesh": dict(mesh.shape),
             "logits_max_diff": float(np.abs(logits - reference).max()),
             "library": lib,
-            "engine": engine_results(lm),
+            "engine": engine,
+            "decode_collectives": collectives,
             "weights": weights_per_device(lm),
         }
     print(json.dumps({"devices": len(jax.devices()), "results": results}))

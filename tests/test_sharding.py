@@ -164,6 +164,12 @@ def test_meshes_give_the_outputs_of_one_device(checkpoint12):
                     k: v for k, v in b.items() if k != "logprobs"
                 }, name
                 np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-4)
+        # Megatron's two all-reduces per layer in a decode step (in the scanned body), nothing else: no
+        # weight or cache is ever gathered, and the data axis needs no collective at all.
+        want = {"all-reduce": 2 * config.n_layer if model > 1 else 0}
+        assert {k: v for k, v in r["decode_collectives"].items() if v} == {
+            k: v for k, v in want.items() if v
+        }, name
         # Each device holds its 1/model of the layers' matrices (read from the arrays' own shards).
         w = r["weights"]
         assert w["per_device"] == [param_bytes_per_device(config, model)], name
