@@ -56,15 +56,17 @@ def default_chunk_size(devices: Sequence[jax.Device]) -> int:
     return CPU_CHUNK_SIZE if devices[0].platform == "cpu" else ACCELERATOR_CHUNK_SIZE
 
 
-def default_slots(config: GPT2Config, dtype: Any, devices: Sequence[jax.Device]) -> int:
+def default_slots(config: GPT2Config, dtype: Any, devices: Sequence[jax.Device], model_axis: int = 1) -> int:
     """Slots for these devices: CPU_SLOTS on a CPU host, ACCELERATOR_SLOTS per accelerator, fewer if their
-    KV cache would take more than KV_MEMORY_FRACTION of a device's memory; a multiple of the device count."""
+    KV cache would take more than KV_MEMORY_FRACTION of a device's memory; a multiple of the device count.
+
+    devices: those of the data axis; each slot's cache is split over `model_axis` devices."""
     n = len(devices)
     per_device = -(-CPU_SLOTS // n) if devices[0].platform == "cpu" else ACCELERATOR_SLOTS
-    slot_bytes = 2 * config.n_layer * config.n_ctx * config.n_embd * jnp.dtype(dtype).itemsize
+    slot_bytes = 2 * config.n_layer * config.n_ctx * config.n_embd * jnp.dtype(dtype).itemsize // model_axis
     memory = _device_memory(devices[0])
     if memory and devices[0].platform == "cpu":
-        memory //= n  # host "devices" share the host's memory
+        memory //= n * model_axis  # host "devices" share the host's memory
     if memory:
         per_device = max(1, min(per_device, int(memory * KV_MEMORY_FRACTION // slot_bytes)))
     return per_device * n
@@ -118,7 +120,7 @@ class BatchEngine:
         self.config = config
         self.n_ctx = config.n_ctx
         self.tokenizer = tokenizer
-        self.slots = slots or default_slots(config, dtype, devices)
+        self.slots = slots or default_slots(config, dtype, devices, layout.model if layout else 1)
         self.chunk_size = chunk_size or default_chunk_size(devices)
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
