@@ -1,7 +1,7 @@
 """Device meshes and the tensor-parallel layout: which device holds which part of the weights and KV cache.
 
-A mesh has two axes. "data" splits batch rows (the engine's decode slots, training batches); "model"
-splits the weights Megatron-style, so that a model too big for one device fits on several:
+A mesh has two axes. "data" splits batch rows (the serving engine's decode slots; the Sampler's batch);
+"model" splits the weights Megatron-style, so that a model too big for one device fits on several:
 
     attn/c_attn  w [E, 3E] columns, b [3E]   split by heads (each device: whole heads of q, k and v)
     attn/c_proj  w [E, E]  rows               (its input is the heads' outputs) -> one all-reduce
@@ -87,9 +87,6 @@ class MeshShape:
                 f"{n_devices} devices"
             )
         return data, self.model
-
-    def __str__(self) -> str:
-        return f"data:{self.data or 'rest'},model:{self.model}"
 
 
 def make_mesh(shape: MeshShape | str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
