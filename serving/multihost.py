@@ -89,10 +89,9 @@ def initialize(cluster: Cluster) -> None:
     """jax.distributed.initialize for this cluster: call before anything touches a device."""
     import jax
 
-    if jax.config.jax_cpu_collectives_implementation is None:  # older JAX: CPU devices of several
-        jax.config.update(
-            "jax_cpu_collectives_implementation", "gloo"
-        )  # processes need Gloo (0.10's default)
+    # CPU devices of several processes talk over Gloo: JAX 0.10's default, unset in some older ones.
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cluster.auto:
         jax.distributed.initialize()
     else:
