@@ -11,11 +11,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from gpt2jax import sampling
 from gpt2jax.checkpoint import load_params
 from gpt2jax.config import GPT2Config
 from gpt2jax.sampler import GenerationResult, Sampler
+from gpt2jax.sharding import Layout, MeshShape, make_mesh
 from gpt2jax.tokenizer import GPT2Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -51,17 +53,25 @@ class LanguageModel:
         tokenizer: GPT2Tokenizer,
         dtype: Any = jnp.float32,
         name: str = "",
+        layout: Layout | None = None,
     ) -> None:
+        """params: checkpoint-layout params; with a `layout` (gpt2jax.sharding), they are placed by it
+        (each device gets its part, c_attn regrouped) and `self.params` is that placed tree."""
         if tokenizer.vocab_size > config.n_vocab:
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.n_vocab}"
             )
         self.config = config
-        self.params = jax.device_put(params)
+        self.layout = layout
+        if layout is None:
+            self.params = jax.device_put(params)
+        else:
+            layout.check(config)
+            self.params = layout.shard_params(params, config, dtype)
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.name = name
-        self.sampler = Sampler(config, dtype)
+        self.sampler = Sampler(config, dtype, layout=layout)
 
     def generate(
         self,
@@ -141,17 +151,27 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def load(
-    path_or_name: str | os.PathLike, dtype: str = "float32", *, allow_pickle: bool = False
+    path_or_name: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    allow_pickle: bool = False,
+    mesh: Mesh | MeshShape | str | None = None,
 ) -> LanguageModel:
     """Loads a GPT-2 checkpoint folder (Hugging Face or OpenAI layout) or a model name under ./checkpoints.
 
     dtype: "float32" (default, exact) or "bfloat16" (weights and activations; half the memory traffic).
+    mesh: spread the model over devices (gpt2jax.sharding): a Mesh, or a shape such as "model:4" or
+    "data:2,model:4" over all devices. The weights go from the host straight to the devices, each device
+    receiving only its part, so a model too big for one device loads. None: one device.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     folder = resolve_checkpoint(path_or_name)
     jdtype = DTYPES[dtype]
     config, params = load_params(folder, dtype=np.float32, allow_pickle=allow_pickle)
-    params = jax.tree.map(lambda a: jnp.asarray(a, jdtype), params)
     tokenizer = GPT2Tokenizer.from_dir(folder)
-    return LanguageModel(config, params, tokenizer, jdtype, name=folder.name)
+    if mesh is None:
+        params = jax.tree.map(lambda a: jnp.asarray(a, jdtype), params)
+        return LanguageModel(config, params, tokenizer, jdtype, name=folder.name)
+    layout = Layout(mesh if isinstance(mesh, Mesh) else make_mesh(mesh))
+    return LanguageModel(config, params, tokenizer, jdtype, name=folder.name, layout=layout)

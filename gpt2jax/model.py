@@ -28,10 +28,17 @@ LayerCache = tuple[jax.Array, jax.Array]
 KVCache = tuple[LayerCache, ...]
 
 
-def init_cache(config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-    """A zeroed KV cache for `batch` rows of up to `length` positions."""
-    shape = (batch, config.n_head, length, config.head_dim)
+def init_cache(
+    config: GPT2Config, batch: int, length: int, dtype: Any = jnp.float32, qkv_groups: int = 1
+) -> KVCache:
+    """A zeroed KV cache for `batch` rows of up to `length` positions (heads: see `padded_heads`)."""
+    shape = (batch, padded_heads(config.n_head, qkv_groups), length, config.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
+
+
+def padded_heads(n_head: int, qkv_groups: int) -> int:
+    """Attention heads in params laid out in `qkv_groups` groups: n_head rounded up to a multiple."""
+    return -(-n_head // qkv_groups) * qkv_groups
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -157,17 +164,28 @@ def attend_decode(
 
 
 class Attention(nn.Module):
+    """Causal self-attention through the KV cache.
+
+    qkv_groups (G): c_attn's columns are G blocks, each [q | k | v] of H / G consecutive heads, where H is
+    n_head rounded up to a multiple of G. 1 is GPT-2's own layout; a tensor-parallel layout
+    (gpt2jax.sharding) has one block per device of the "model" mesh axis, so that each device's columns
+    hold whole heads. Heads beyond n_head (when G does not divide it) have zero weights in c_attn and zero
+    rows in c_proj: their values are zero, so they add exactly nothing.
+    """
+
     config: GPT2Config
     dtype: Any = jnp.float32
+    qkv_groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         cfg = self.config
         B, T, _ = x.shape
-        qkv = Conv1D(3 * cfg.n_embd, self.dtype, name="c_attn")(x)  # (B, T, 3E)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        heads = lambda a: a.reshape(B, T, cfg.n_head, cfg.head_dim).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        q, k, v = heads(q), heads(k), heads(v)
+        G, H, D = self.qkv_groups, padded_heads(cfg.n_head, self.qkv_groups), cfg.head_dim
+        qkv = Conv1D(3 * H * D, self.dtype, name="c_attn")(x)  # (B, T, 3E) when H = n_head
+        qkv = qkv.reshape(B, T, G, 3, H // G, D)
+        heads = lambda i: qkv[:, :, :, i].reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        q, k, v = heads(0), heads(1), heads(2)
         # Head-major cache layout: XLA's CPU batched matmul with (batch, head) leading is several times
         # faster than with the time axis between them.
         k_cache, v_cache = cache  # (B, H, S, D)
@@ -184,7 +202,7 @@ class Attention(nn.Module):
             v_cache = write_cache(v_cache, v.astype(v_cache.dtype), start)
             visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]  # (B, T, S)
             out = attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), visible)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, cfg.n_embd)  # (B, T, E)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, E) when H = n_head
         return Conv1D(cfg.n_embd, self.dtype, name="c_proj")(out), (k_cache, v_cache)
 
 
@@ -203,11 +221,12 @@ class Block(nn.Module):
 
     config: GPT2Config
     dtype: Any = jnp.float32
+    qkv_groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         eps = self.config.layer_norm_epsilon
-        a, cache = Attention(self.config, self.dtype, name="attn")(
+        a, cache = Attention(self.config, self.dtype, self.qkv_groups, name="attn")(
             LayerNorm(eps, self.dtype, name="ln_1")(x), positions, cache
         )
         x = x + a
@@ -220,6 +239,7 @@ class GPT2(nn.Module):
 
     config: GPT2Config
     dtype: Any = jnp.float32  # activation dtype; params may be stored in another dtype
+    qkv_groups: int = 1  # the layout of c_attn's columns (see Attention)
 
     @nn.compact
     def __call__(
@@ -236,7 +256,7 @@ class GPT2(nn.Module):
         x = (wte[tokens] + wpe[positions]).astype(self.dtype)  # (B, T, E)
         new_cache = []
         for i in range(cfg.n_layer):
-            x, layer_cache = Block(cfg, self.dtype, name=f"h{i}")(x, positions, cache[i])
+            x, layer_cache = Block(cfg, self.dtype, self.qkv_groups, name=f"h{i}")(x, positions, cache[i])
             new_cache.append(layer_cache)
         x = LayerNorm(cfg.layer_norm_epsilon, self.dtype, name="ln_f")(x)
         if hidden_only:
@@ -252,16 +272,20 @@ def forward(
     positions: jax.Array,
     cache: KVCache,
     dtype: Any = None,
+    qkv_groups: int = 1,
     *,
     hidden_only: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Functional entry point: logits [B, T, V] and the updated cache.
 
+    qkv_groups: the layout of c_attn's columns (1 for a checkpoint's params; see Attention).
     With hidden_only, the final hidden states [B, T, n_embd] instead of logits (`unembed` them, e.g. at
     one position per row: a prefill needs the logits of its last token only).
     """
     dtype = dtype if dtype is not None else jnp.float32
-    return GPT2(config, dtype).apply({"params": params}, tokens, positions, cache, hidden_only=hidden_only)
+    return GPT2(config, dtype, qkv_groups).apply(
+        {"params": params}, tokens, positions, cache, hidden_only=hidden_only
+    )
 
 
 def forward_last(
@@ -272,6 +296,7 @@ def forward_last(
     cache: KVCache,
     lengths: jax.Array,
     dtype: Any = None,
+    qkv_groups: int = 1,
 ) -> tuple[jax.Array, KVCache]:
     """Like `forward`, but logits [B, V] only at each row's last real token (index lengths - 1).
 
@@ -279,7 +304,9 @@ def forward_last(
     projecting every prompt position costs about half as much again as the rest of the prefill.
     """
     dtype = dtype if dtype is not None else jnp.float32
-    hidden, cache = forward(params, config, tokens, positions, cache, dtype, hidden_only=True)  # (B, T, E)
+    hidden, cache = forward(
+        params, config, tokens, positions, cache, dtype, qkv_groups, hidden_only=True
+    )  # (B, T, E)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # (B, 1, E)
     return unembed(last, params["wte"].astype(dtype))[:, 0], cache
 

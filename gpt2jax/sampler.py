@@ -19,6 +19,7 @@ import numpy as np
 from gpt2jax import sampling
 from gpt2jax.config import GPT2Config
 from gpt2jax.model import KVCache, forward, forward_last, init_cache
+from gpt2jax.sharding import Layout
 
 MIN_BUCKET = 16
 
@@ -66,10 +67,19 @@ class Sampler:
     `compilations` counts traces (each trace means one XLA compilation): tests assert on it.
     """
 
-    def __init__(self, config: GPT2Config, dtype: Any = jnp.float32, chunk_size: int = 16) -> None:
+    def __init__(
+        self, config: GPT2Config, dtype: Any = jnp.float32, chunk_size: int = 16, layout: Layout | None = None
+    ) -> None:
+        """layout: the params were placed by this gpt2jax.sharding.Layout (None: one device, as loaded).
+
+        On a mesh, batches whose size divides the data axis are split over it; the KV cache is split on
+        its heads over the model axis; GSPMD partitions the rest along the params.
+        """
         self.config = config
         self.dtype = dtype
         self.chunk_size = chunk_size
+        self.layout = layout
+        self.qkv_groups = layout.qkv_groups if layout is not None else 1
         self.compilations = 0
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "score_prompt"))
         self._decode = jax.jit(self._decode_impl, donate_argnames=("state",))
@@ -91,12 +101,19 @@ class Sampler:
         self.compilations += 1
         B, P = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-        cache = init_cache(self.config, B, cache_len, self.dtype)
+        cache = init_cache(self.config, B, cache_len, self.dtype, self.qkv_groups)
+        if self.layout is not None:
+            split_rows = B % self.layout.data == 0
+            cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows))
         if score_prompt:
-            logits, cache = forward(params, self.config, tokens, positions, cache, self.dtype)
+            logits, cache = forward(
+                params, self.config, tokens, positions, cache, self.dtype, self.qkv_groups
+            )
             last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
         else:
-            last, cache = forward_last(params, self.config, tokens, positions, cache, lengths, self.dtype)
+            last, cache = forward_last(
+                params, self.config, tokens, positions, cache, lengths, self.dtype, self.qkv_groups
+            )
         counts = jnp.zeros((B, self.config.n_vocab), jnp.int32)
         step = jnp.zeros((B,), jnp.int32)
         out = sampling.sample(last, counts, step, sp, want_top)
@@ -126,7 +143,13 @@ class Sampler:
 
         def one_step(state: DecodeState, _):
             logits, cache = forward(
-                params, self.config, state.token[:, None], state.position[:, None], state.cache, self.dtype
+                params,
+                self.config,
+                state.token[:, None],
+                state.position[:, None],
+                state.cache,
+                self.dtype,
+                self.qkv_groups,
             )
             out = sampling.sample(logits[:, 0], state.counts, state.step, state.params, want_top)
             emitted = out._replace(token=jnp.where(state.done, -1, out.token))
@@ -174,6 +197,10 @@ class Sampler:
         limits_b = np.concatenate([limits, np.zeros(pad_rows, np.int32)])  # padding rows start done
         sp = pad_sampling_params(sampling_params, B)
         want_top = np.bool_(logprobs)
+        if self.layout is not None:  # rows over the data axis when they split evenly, else replicated
+            rows = self.layout.rows if B % self.layout.data == 0 else self.layout.replicated
+            tokens, lengths_b, limits_b, sp = jax.device_put((tokens, lengths_b, limits_b, sp), rows)
+            want_top = jax.device_put(want_top, self.layout.replicated)
 
         state, first, scores = self._prefill(
             params, tokens, lengths_b, limits_b, sp, want_top, cache_len=S, score_prompt=score_prompt

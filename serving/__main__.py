@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from serving import multihost
 from serving.app import create_app
 from serving.context import EXTENSION
 from serving.engines import build_engine
@@ -94,10 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ) | parse_args(argv)
     try:
         settings = Settings.from_env(env)
+        cluster = multihost.Cluster.from_env(env)
     except SettingsError as e:
         print(f"gpt2jax-serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cluster.enabled:  # several processes, one SPMD program: join before anything touches a device
+        multihost.initialize(cluster)
     try:
         registry = registry_for(discover_models(settings), settings)
     except (NoModelError, ValueError) as e:
@@ -106,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warning = exposure_warning(settings)
     if warning:
         log.warning(warning)
+    if cluster.enabled:  # process 0 serves HTTP and drives the others (serving/multihost.py)
+        return multihost.run(settings, registry, lambda build: asyncio.run(serve(settings, registry, build)))
     log.info("serving %s on http://%s:%d", ", ".join(registry.models), settings.host, settings.port)
     return asyncio.run(serve(settings, registry))
 

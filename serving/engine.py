@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from gpt2jax.config import GPT2Config
 from gpt2jax.lm import LanguageModel
 from gpt2jax.sampler import MIN_BUCKET, bucket
+from gpt2jax.sharding import Layout
 from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.engine_api import EngineError, Event, GenerationRequest
 from serving.engine_device import SlotPrograms, enable_compilation_cache
@@ -55,15 +56,17 @@ def default_chunk_size(devices: Sequence[jax.Device]) -> int:
     return CPU_CHUNK_SIZE if devices[0].platform == "cpu" else ACCELERATOR_CHUNK_SIZE
 
 
-def default_slots(config: GPT2Config, dtype: Any, devices: Sequence[jax.Device]) -> int:
+def default_slots(config: GPT2Config, dtype: Any, devices: Sequence[jax.Device], model_axis: int = 1) -> int:
     """Slots for these devices: CPU_SLOTS on a CPU host, ACCELERATOR_SLOTS per accelerator, fewer if their
-    KV cache would take more than KV_MEMORY_FRACTION of a device's memory; a multiple of the device count."""
+    KV cache would take more than KV_MEMORY_FRACTION of a device's memory; a multiple of the device count.
+
+    devices: those of the data axis; each slot's cache is split over `model_axis` devices."""
     n = len(devices)
     per_device = -(-CPU_SLOTS // n) if devices[0].platform == "cpu" else ACCELERATOR_SLOTS
-    slot_bytes = 2 * config.n_layer * config.n_ctx * config.n_embd * jnp.dtype(dtype).itemsize
+    slot_bytes = 2 * config.n_layer * config.n_ctx * config.n_embd * jnp.dtype(dtype).itemsize // model_axis
     memory = _device_memory(devices[0])
     if memory and devices[0].platform == "cpu":
-        memory //= n  # host "devices" share the host's memory
+        memory //= n * model_axis  # host "devices" share the host's memory
     if memory:
         per_device = max(1, min(per_device, int(memory * KV_MEMORY_FRACTION // slot_bytes)))
     return per_device * n
@@ -87,7 +90,9 @@ class BatchEngine:
     slots: decode slots (default: `default_slots`), a multiple of the device count. chunk_size: decode
     steps per device call (default: `default_chunk_size`). max_queue: requests that may wait for slots; beyond it new ones are refused
     with EngineOverloaded, as is one that waited more than queue_timeout seconds. devices: default all
-    local devices; slots are sharded over them. min_window: the shortest KV-cache window that decode is
+    local devices; slots are sharded over them. layout: a gpt2jax.sharding.Layout whose mesh the params
+    were placed on (from_model passes the model's): slots split over its data axis, the model over its
+    model axis; then `devices` is not used. min_window: the shortest KV-cache window that decode is
     compiled for (windows double up to n_ctx; each chunk uses the smallest that holds its live rows).
     `programs` (the compiled device side) and `worker` (the thread and slot table) are exposed for tests.
     """
@@ -106,25 +111,31 @@ class BatchEngine:
         queue_timeout: float = 30.0,
         devices: Sequence[jax.Device] | None = None,
         min_window: int = 128,
+        layout: Layout | None = None,
     ) -> None:
+        if layout is not None:  # slots split over the data axis: size them by its devices
+            devices = list(layout.mesh.devices[:, 0])
         devices = list(devices if devices is not None else jax.local_devices())
         self.name = name
         self.config = config
         self.n_ctx = config.n_ctx
         self.tokenizer = tokenizer
-        self.slots = slots or default_slots(config, dtype, devices)
+        self.slots = slots or default_slots(config, dtype, devices, layout.model if layout else 1)
         self.chunk_size = chunk_size or default_chunk_size(devices)
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.buckets = tuple(_powers_of_two(config.n_ctx))  # prefill lengths
         self.metrics = EngineMetrics(lambda: self.queue_length, lambda: self.busy_slots, self.slots)
-        self.programs = SlotPrograms(config, params, dtype, self.slots, self.chunk_size, devices, min_window)
+        self.programs = SlotPrograms(
+            config, params, dtype, self.slots, self.chunk_size, devices, min_window, layout
+        )
         self.worker = SlotWorker(self, self.programs)
 
     @classmethod
     def from_model(cls, model: LanguageModel, **options: Any) -> BatchEngine:
         """An engine for a loaded LanguageModel; options as for the constructor."""
         options.setdefault("name", model.name or "gpt2")
+        options.setdefault("layout", model.layout)  # a model loaded onto a mesh is served on it
         return cls(model.config, model.params, model.tokenizer, dtype=model.dtype, **options)
 
     # ---- views ----

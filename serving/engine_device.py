@@ -8,10 +8,13 @@ short attends over, and writes, only the start of the cache, so a step reads a f
 compiled for a few numbers of leading slots per device (powers of 4 and all of them): slots are filled in
 that order, so a lone request decodes one row, not all of them (on the CPU a step of 16 rows costs ~3x one).
 
-The slot axis is sharded over all local devices (`PartitionSpec("data")`), weights are replicated. Insert
-and decode are `shard_map`ped: each device updates and decodes only its own slots, so no step needs a
-cross-device collective (on the CPU with forced host devices a collective on a starved thread pool can
-deadlock). Prefill is small (one prompt) and runs replicated on every device.
+Everything lives on a ("data", "model") mesh (gpt2jax.sharding.Layout; default: every device on data).
+The slot axis is split over "data"; the weights and the KV cache's heads over "model" (tensor parallel;
+model 1 replicates them). Insert and decode are `shard_map`ped manually over "data" only: each data shard
+updates and decodes only its own slots, so the data axis needs no collective, while inside a shard XLA's
+SPMD partitioner splits the model over the "model" axis (two all-reduces per layer). Prefill (one prompt)
+is replicated over "data" and split over "model". One code path serves 1 device, 8, and meshes that span
+several processes (serving/multihost.py then makes the outputs readable by the first process).
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gpt2jax import sampling
 from gpt2jax.config import GPT2Config
 from gpt2jax.model import KVCache, forward, forward_last, init_cache
 from gpt2jax.sampler import PromptScores, prompt_scores
+from gpt2jax.sharding import Layout, make_mesh
 
 AXIS = "data"
 # A batched prefill covers at most this many prompt positions (rows x bucket). On the CPU a prefill of one
@@ -176,7 +180,7 @@ def _put_row(dst: jax.Array, src: jax.Array, at: jax.Array, mine: jax.Array) -> 
 
 
 class SlotPrograms:
-    """Owns the mesh, the replicated weights and the compiled prefill / insert / decode of one model."""
+    """Owns the mesh, the placed weights and the compiled prefill / insert / decode of one model."""
 
     def __init__(
         self,
@@ -187,39 +191,52 @@ class SlotPrograms:
         chunk_size: int,
         devices: Sequence[jax.Device] | None = None,
         min_window: int = 128,
+        layout: Layout | None = None,
     ) -> None:
-        devices = list(devices if devices is not None else jax.local_devices())
-        if slots % len(devices):
-            raise ValueError(f"slots ({slots}) must be a multiple of the device count ({len(devices)})")
+        """params: placed by `layout` when one is given (as gpt2jax.load(..., mesh=...) does); otherwise
+        checkpoint-layout params, replicated over `devices` (default: all) on the data axis."""
+        if layout is None:
+            layout = Layout(make_mesh(devices=devices))
+            params = layout.shard_params(params, config)
+        layout.check(config, slots)
         self.config, self.dtype, self.slots, self.chunk_size = config, dtype, slots, chunk_size
         # Decode attends over a window of the cache (the first `window` positions), compiled for each
         # power of two from min_window up to n_ctx: while every live row is short, a step reads a
         # fraction of the [slots, n_ctx] cache instead of all of it.
         self.windows = _windows(min(min_window, config.n_ctx), config.n_ctx)
-        self.devices = len(devices)
-        self.local_slots = slots // len(devices)
-        self.row_counts = _row_counts(self.local_slots)  # leading slots per device that decode compiles for
-        self.mesh = Mesh(np.array(devices), (AXIS,))
-        self.replicated = NamedSharding(self.mesh, P())
-        self.by_slot = NamedSharding(self.mesh, P(AXIS))
-        self.params = jax.device_put(params, self.replicated)
-        rep, rows, steps = self.replicated, self.by_slot, NamedSharding(self.mesh, P(None, AXIS))
+        self.layout, self.mesh, self.params = layout, layout.mesh, params
+        self.replicated = rep = layout.replicated
+        self.by_slot = rows = layout.rows
+        self.data_shards = layout.data
+        self.local_slots = slots // layout.data
+        self.row_counts = _row_counts(self.local_slots)  # leading slots per data shard that decode runs
+        self.multiprocess = len({d.process_index for d in self.mesh.devices.flat}) > 1
+        # The first process reads every slot's outputs: across processes they must be gathered to it.
+        steps = rep if self.multiprocess else NamedSharding(self.mesh, P(None, AXIS))
+        # XLA's CPU runtime can deadlock in a collective when many multi-device programs are in flight
+        # (seen here from ~40): with collectives on the CPU, insert waits for its result (decode is
+        # paced by the worker reading the previous chunk), which keeps a handful in flight.
+        self._sync = self.mesh.devices.flat[0].platform == "cpu" and (layout.model > 1 or self.multiprocess)
+        self.params_shardings = params_s = layout.param_shardings(params)
+        # Shardings as pytree prefixes: a KV cache splits its heads over "model" (and slots over "data").
+        self.kv_sharding = kv = layout.cache_sharding(split_rows=False)
+        self.state_shardings = state_s = SlotState(*[rows] * len(SlotState._fields))._replace(
+            cache=layout.cache_sharding(split_rows=True)
+        )
+        manual = frozenset({AXIS})  # shard_map is manual over "data"; "model" is left to GSPMD
 
-        self._init = jax.jit(self._init_impl, out_shardings=rows)
-        self._prefill = {
-            score: jax.jit(
-                lambda p, t, n, score=score: self._prefill_impl(p, t, n, score),
-                in_shardings=(rep, rep, rep),
-                out_shardings=rep,
-            )
-            for score in (False, True)
-        }  # tokens [R, P], lengths [R] -> R Prefilled
+        self._init = jax.jit(self._init_impl, out_shardings=state_s)
+        self._prefill: dict[tuple[bool, int], Any] = {}  # (score, rows) -> jitted; see _prefill_program
         self._first = jax.jit(self._first_impl, in_shardings=(rep, rep), out_shardings=rep)
         insert = jax.shard_map(
-            self._insert_local, mesh=self.mesh, in_specs=(P(AXIS), P(), P(), P()), out_specs=P(AXIS)
+            self._insert_local,
+            mesh=self.mesh,
+            in_specs=(P(AXIS), P(), P(), P()),
+            out_specs=P(AXIS),
+            axis_names=manual,
         )
         self._insert = jax.jit(
-            insert, in_shardings=(rows, rep, rep, rep), out_shardings=rows, donate_argnums=0
+            insert, in_shardings=(state_s, kv, rep, rep), out_shardings=state_s, donate_argnums=0
         )
         self._decode = {}
         for window in self.windows:
@@ -229,10 +246,14 @@ class SlotPrograms:
                     mesh=self.mesh,
                     in_specs=(P(), P(AXIS), P(AXIS)),
                     out_specs=(P(AXIS), P(None, AXIS)),
+                    axis_names=manual,
                     check_vma=False,  # sampling's lax.conds mix per-device and constant values
                 )
                 self._decode[window, n] = jax.jit(
-                    decode, in_shardings=(rep, rows, rows), out_shardings=(rows, steps), donate_argnums=1
+                    decode,
+                    in_shardings=(params_s, state_s, rows),
+                    out_shardings=(state_s, steps),
+                    donate_argnums=1,
                 )
 
     # ---- jitted bodies ----
@@ -249,7 +270,7 @@ class SlotPrograms:
             logit_bias=jnp.zeros((S, V), jnp.float32),
             rng=jnp.zeros((S, 2), jnp.uint32),
         )
-        cache = init_cache(self.config, S, self.config.n_ctx, self.dtype)
+        cache = init_cache(self.config, S, self.config.n_ctx, self.dtype, self.layout.qkv_groups)
         return SlotState(
             cache=cache,
             token=zeros(jnp.int32),
@@ -272,13 +293,17 @@ class SlotPrograms:
         KV comes out as its own [1, ...] arrays, so that insert compiles once per bucket, whatever R.
         """
         R, P_ = tokens.shape
+        groups = self.layout.qkv_groups
         positions = jnp.broadcast_to(jnp.arange(P_, dtype=jnp.int32)[None], (R, P_))
-        cache = init_cache(self.config, R, P_, self.dtype)
+        cache = init_cache(self.config, R, P_, self.dtype, groups)
+        cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows=False))
         if score:
-            logits, cache = forward(params, self.config, tokens, positions, cache, self.dtype)  # (R, P, V)
+            logits, cache = forward(params, self.config, tokens, positions, cache, self.dtype, groups)
             last, scores = logits[jnp.arange(R), lengths - 1], prompt_scores(logits, tokens)  # (R, V)
         else:
-            last, cache = forward_last(params, self.config, tokens, positions, cache, lengths, self.dtype)
+            last, cache = forward_last(
+                params, self.config, tokens, positions, cache, lengths, self.dtype, groups
+            )
             scores = None
         return tuple(
             Prefilled(
@@ -339,7 +364,13 @@ class SlotPrograms:
 
         def one_step(state: SlotState, _):
             logits, cache = forward(
-                params, self.config, state.token[:, None], state.position[:, None], state.cache, self.dtype
+                params,
+                self.config,
+                state.token[:, None],
+                state.position[:, None],
+                state.cache,
+                self.dtype,
+                self.layout.qkv_groups,
             )
             want_top = jnp.any(state.want_top & ~state.done)  # this device's rows only: no collective
             sp = _live_params(state.params, state.done)
@@ -369,6 +400,17 @@ class SlotPrograms:
         # than more programs to compile at warm-up, and on the CPU not slower than prompts one by one).
         return tuple(sorted({1, self.prefill_rows(bucket, score)}))
 
+    def _prefill_program(self, score: bool, rows: int) -> Any:
+        key = score, rows
+        if key not in self._prefill:
+            one = Prefilled(self.kv_sharding, self.replicated, self.replicated if score else None)
+            self._prefill[key] = jax.jit(
+                partial(self._prefill_impl, score=score),
+                in_shardings=(self.params_shardings, self.replicated, self.replicated),
+                out_shardings=(one,) * rows,
+            )
+        return self._prefill[key]
+
     def prefill(self, prompts: Sequence[Sequence[int]], bucket: int, score: bool) -> list[Prefilled]:
         """Prefills up to `prefill_rows(bucket, score)` prompts of at most `bucket` tokens in one call."""
         n = len(prompts)
@@ -376,26 +418,39 @@ class SlotPrograms:
         tokens, lengths = np.zeros((R, bucket), np.int32), np.ones(R, np.int32)
         for i, prompt in enumerate(prompts):
             tokens[i, : len(prompt)], lengths[i] = prompt, len(prompt)
-        tokens, lengths = jax.device_put((tokens, lengths), self.replicated)
-        return list(self._prefill[score](self.params, tokens, lengths)[:n])
+        tokens, lengths = self.put((tokens, lengths), self.replicated)
+        return list(self._prefill_program(score, R)(self.params, tokens, lengths)[:n])
+
+    def put(self, tree: Any, sharding: NamedSharding) -> Any:
+        """Host values onto the mesh; with several processes each places its own devices' parts (every
+        process passes the same values, as serving/multihost.py arranges)."""
+        if not self.multiprocess:
+            return jax.device_put(tree, sharding)
+        return jax.tree.map(
+            lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda i, a=np.asarray(a): a[i]),
+            tree,
+        )
 
     def insert(
         self, state: SlotState, pre: Prefilled, slot: int, row: SlotRow
     ) -> tuple[SlotState, sampling.SampleOutput]:
         """Puts a prefilled prompt into `slot` (donating `state`); returns the new state and the first token."""
         # Host inputs are placed explicitly so that their shardings match the warm-up's compiled programs.
-        row, slot = jax.device_put((row, np.int32(slot)), self.replicated)
+        row, slot = self.put((row, np.int32(slot)), self.replicated)
         row_state, first = self._first(pre.logits, row)
-        return self._insert(state, pre.cache, row_state, slot), first
+        state = self._insert(state, pre.cache, row_state, slot)
+        if self._sync:
+            jax.block_until_ready(state)
+        return state, first
 
     def window_for(self, end: int) -> int:
         """The smallest compiled window holding positions < end."""
         return next((w for w in self.windows if w >= end), self.windows[-1])
 
     def fill_order(self) -> list[int]:
-        """Slots in the order to fill them: the first slot of every device, then the second, ..."""
+        """Slots in the order to fill them: the first slot of every data shard, then the second, ..."""
         L = self.local_slots
-        return [d * L + i for i in range(L) for d in range(self.devices)]
+        return [d * L + i for i in range(L) for d in range(self.data_shards)]
 
     def rows_for(self, slots: Sequence[int]) -> int:
         """The fewest leading slots per device (a compiled count) that decode must run to cover `slots`."""
@@ -405,7 +460,7 @@ class SlotPrograms:
     def decoded_slots(self, rows: int) -> list[int]:
         """The slot of each output column of a decode of `rows` leading slots per device."""
         L = self.local_slots
-        return [d * L + i for d in range(self.devices) for i in range(rows)]
+        return [d * L + i for d in range(self.data_shards) for i in range(rows)]
 
     def decode(
         self, state: SlotState, active: np.ndarray, window: int | None = None, rows: int | None = None
@@ -416,7 +471,7 @@ class SlotPrograms:
         window: a compiled window (see `window_for`) above every position a live row reaches in the chunk.
         """
         decode = self._decode[window or self.windows[-1], rows or self.local_slots]
-        return decode(self.params, state, jax.device_put(active, self.by_slot))
+        return decode(self.params, state, self.put(active, self.by_slot))
 
     def compile(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> None:
         """Compiles prefill and insert for each bucket, first-token sampling and decode; runs nothing.
@@ -425,15 +480,20 @@ class SlotPrograms:
         """
         rep, rows = self.replicated, self.by_slot
         self._init.lower().compile()
-        like = lambda tree, sharding: jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree
+        like = lambda tree, shardings: jax.tree.map(  # shardings: a prefix of tree
+            lambda s, sub: jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), sub
+            ),
+            shardings,
+            tree,
+            is_leaf=lambda x: isinstance(x, NamedSharding),
         )
         row = make_row(
             1, 1, -1, False, self.config.n_vocab, temperature=0.0, top_k=0, top_p=1.0,
             presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=0,
         )  # fmt: skip
-        row, params = like(row, rep), like(self.params, rep)
-        state = like(jax.eval_shape(self._init_impl), rows)
+        row, params = like(row, rep), like(self.params, self.layout.param_shardings(self.params))
+        state = like(jax.eval_shape(self._init_impl), self.state_shardings)
         logits = like(jax.ShapeDtypeStruct((self.config.n_vocab,), jnp.float32), rep)
         self._first.lower(logits, row).compile()
         row_state = like(jax.eval_shape(self._first, logits, row)[0], rep)
@@ -443,10 +503,13 @@ class SlotPrograms:
                 for R in self._row_counts(bucket, s):
                     tokens = like(jax.ShapeDtypeStruct((R, bucket), jnp.int32), rep)
                     lengths = like(jax.ShapeDtypeStruct((R,), jnp.int32), rep)
-                    self._prefill[s].lower(params, tokens, lengths).compile()
+                    self._prefill_program(s, R).lower(params, tokens, lengths).compile()
             tokens = like(jax.ShapeDtypeStruct((1, bucket), jnp.int32), rep)
             lengths = like(jax.ShapeDtypeStruct((1,), jnp.int32), rep)
-            kv = like(jax.eval_shape(self._prefill[False], params, tokens, lengths)[0].cache, rep)
+            kv = like(
+                jax.eval_shape(self._prefill_program(False, 1), params, tokens, lengths)[0].cache,
+                self.kv_sharding,
+            )
             self._insert.lower(state, kv, row_state, slot).compile()
         for program in self._decode.values():
             program.lower(params, state, like(np.zeros(self.slots, bool), rows)).compile()

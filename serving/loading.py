@@ -118,7 +118,7 @@ async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBui
             continue
         try:
             log.info("loading %s from %s", m.name, m.path)
-            model = await asyncio.to_thread(gpt2jax.load, m.path, settings.dtype)
+            model = await asyncio.to_thread(gpt2jax.load, m.path, settings.dtype, mesh=serving_mesh(settings))
             engine = build(model, settings)
             m.engine, m.status = engine, WARMING
             log.info("warming up %s", m.name)
@@ -136,6 +136,18 @@ async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBui
         raise NoModelLoaded(
             "no model could be loaded: " + "; ".join(f"{n}: {m.error}" for n, m in registry.models.items())
         )
+
+
+def serving_mesh(settings: Settings) -> Any:
+    """The mesh models are loaded onto: MESH over every device of every process. None with MESH unset
+    in a single process: the model goes to one device and its engine spreads the slots over all of them."""
+    import jax
+
+    if not settings.mesh and jax.process_count() == 1:
+        return None
+    from gpt2jax.sharding import make_mesh
+
+    return make_mesh(settings.mesh)
 
 
 async def _stop_engine(m: ServedModel) -> None:

@@ -32,6 +32,7 @@ class Settings:
     graceful_timeout: float = 30.0  # GRACEFUL_TIMEOUT: seconds to finish in-flight requests on SIGTERM
     dtype: str = "float32"  # DTYPE: float32 or bfloat16 weights
     slots: int | None = None  # SLOTS: the engine's decode slots (default: the engine's choice per device)
+    mesh: str = ""  # MESH: "data:4,model:2" device mesh (gpt2jax.sharding); empty: slots over all devices
     max_queue: int = 64  # MAX_QUEUE: requests that may wait for a slot; more get 429
     queue_timeout: float = 30.0  # QUEUE_TIMEOUT: seconds a request may wait for a slot before a 429
     log_level: str = "INFO"  # LOG_LEVEL
@@ -62,6 +63,7 @@ class Settings:
             graceful_timeout=_float(env, "GRACEFUL_TIMEOUT", d.graceful_timeout),
             dtype=get("DTYPE") or d.dtype,
             slots=_int(env, "SLOTS", 0, 1, 1 << 16) or None,
+            mesh=_mesh(get("MESH")),
             max_queue=_int(env, "MAX_QUEUE", d.max_queue, 0, 1 << 20),
             queue_timeout=_float(env, "QUEUE_TIMEOUT", d.queue_timeout),
             log_level=(get("LOG_LEVEL") or d.log_level).upper(),
@@ -99,6 +101,17 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name}={raw!r}: expected a number") from None
     if value < 0:
         raise SettingsError(f"{name}={value}: expected a number >= 0")
+    return value
+
+
+def _mesh(value: str) -> str:
+    if value:
+        from gpt2jax.sharding import MeshShape, ShardingError  # imports JAX: only when MESH is set
+
+        try:
+            MeshShape.parse(value)
+        except ShardingError as e:
+            raise SettingsError(f"MESH={value!r}: {e}") from None
     return value
 
 
