@@ -18,5 +18,9 @@ def build_engine(model: LanguageModel, settings: Settings) -> Engine:
 
     enable_compilation_cache()
     return BatchEngine.from_model(
-        model, slots=settings.slots, max_queue=settings.max_queue, queue_timeout=settings.queue_timeout
+        model,
+        slots=settings.slots,
+        chunk_size=settings.chunk_size,
+        max_queue=settings.max_queue,
+        queue_timeout=settings.queue_timeout,
     )

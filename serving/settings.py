@@ -32,6 +32,7 @@ class Settings:
     graceful_timeout: float = 30.0  # GRACEFUL_TIMEOUT: seconds to finish in-flight requests on SIGTERM
     dtype: str = "float32"  # DTYPE: float32 or bfloat16 weights
     slots: int | None = None  # SLOTS: the engine's decode slots (default: the engine's choice per device)
+    chunk_size: int | None = None  # CHUNK_SIZE: decode steps per device call (default: the engine's choice)
     mesh: str = ""  # MESH: "data:4,model:2" device mesh (gpt2jax.sharding); empty: slots over all devices
     max_queue: int = 64  # MAX_QUEUE: requests that may wait for a slot; more get 429
     queue_timeout: float = 30.0  # QUEUE_TIMEOUT: seconds a request may wait for a slot before a 429
@@ -63,6 +64,7 @@ class Settings:
             graceful_timeout=_float(env, "GRACEFUL_TIMEOUT", d.graceful_timeout),
             dtype=get("DTYPE") or d.dtype,
             slots=_int(env, "SLOTS", 0, 1, 1 << 16) or None,
+            chunk_size=_int(env, "CHUNK_SIZE", 0, 1, 1024) or None,
             mesh=_mesh(get("MESH")),
             max_queue=_int(env, "MAX_QUEUE", d.max_queue, 0, 1 << 20),
             queue_timeout=_float(env, "QUEUE_TIMEOUT", d.queue_timeout),
