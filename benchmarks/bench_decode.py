@@ -55,10 +55,11 @@ def gpt2jax_run(config, params, dtype, batch: int, new_tokens: int):
     return run
 
 
-def hf_run(model, config, batch: int, new_tokens: int):
+def hf_run(model, config, batch: int, new_tokens: int, device: str = "cpu"):
+    """A no-argument function that generates with transformers' `generate` on `device` (cpu or cuda)."""
     import torch
 
-    toks = torch.from_numpy(prompts(batch, config.n_vocab).astype(np.int64))
+    toks = torch.from_numpy(prompts(batch, config.n_vocab).astype(np.int64)).to(device)
     mask = torch.ones_like(toks)
 
     def run():
@@ -72,6 +73,8 @@ def hf_run(model, config, batch: int, new_tokens: int):
                 use_cache=True,
                 pad_token_id=config.eos_token_id,
             )
+        if device == "cuda":
+            torch.cuda.synchronize()
         assert out.shape == (batch, PROMPT_LEN + new_tokens), out.shape
         return out
 

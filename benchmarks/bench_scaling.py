@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_decode import PROMPT_LEN, prompts  # noqa: E402
+from benchmarks.bench_decode import PROMPT_LEN, hf_run, prompts  # noqa: E402
 from benchmarks.common import hf_model, machine, random_params, timed  # noqa: E402
 from gpt2jax import sampling  # noqa: E402
 from gpt2jax.config import preset  # noqa: E402
@@ -38,30 +38,6 @@ def gpt2jax_run(config, params, layout: Layout, dtype, batch: int, new_tokens: i
     toks = prompts(batch, config.n_vocab).tolist()
     sp = sampling.make_params(batch, config.n_vocab, temperature=0.0)
     return lambda: sampler.generate(params, toks, new_tokens, sp)
-
-
-def hf_run(model, config, batch: int, new_tokens: int, device: str):
-    import torch
-
-    toks = torch.from_numpy(prompts(batch, config.n_vocab).astype(np.int64)).to(device)
-    mask = torch.ones_like(toks)
-
-    def run():
-        with torch.inference_mode():
-            out = model.generate(
-                toks,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                use_cache=True,
-                pad_token_id=config.eos_token_id,
-            )
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> None:
