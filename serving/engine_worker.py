@@ -194,11 +194,10 @@ class SlotWorker:
                     admitted.append(job)
                     free -= job.slots_needed
         groups: dict[tuple[int, bool], list[Job]] = {}
+        n_ctx = self.engine.config.n_ctx
         for job in admitted:
-            r = job.request
-            groups.setdefault((bucket(len(r.prompt), self.engine.config.n_ctx), r.echo_logprobs), []).append(
-                job
-            )
+            key = bucket(len(job.request.prompt), n_ctx), job.request.echo_logprobs
+            groups.setdefault(key, []).append(job)
         for (size, score), jobs in groups.items():
             rows = self.programs.prefill_rows(size, score)
             for i in range(0, len(jobs), rows):
