@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -477,9 +478,11 @@ class SlotPrograms:
         """Compiles prefill and insert for each bucket, first-token sampling and decode; runs nothing.
 
         The abstract arguments carry the real shardings: the compiled programs are cached under them.
+        The programs are traced one after another, then compiled on a thread per core (XLA compiles
+        outside the GIL).
         """
         rep, rows = self.replicated, self.by_slot
-        self._init.lower().compile()
+        lowered = [self._init.lower()]
         like = lambda tree, shardings: jax.tree.map(  # shardings: a prefix of tree
             lambda s, sub: jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), sub
@@ -495,7 +498,7 @@ class SlotPrograms:
         row, params = like(row, rep), like(self.params, self.layout.param_shardings(self.params))
         state = like(jax.eval_shape(self._init_impl), self.state_shardings)
         logits = like(jax.ShapeDtypeStruct((self.config.n_vocab,), jnp.float32), rep)
-        self._first.lower(logits, row).compile()
+        lowered.append(self._first.lower(logits, row))
         row_state = like(jax.eval_shape(self._first, logits, row)[0], rep)
         slot = like(np.int32(0), rep)
         for bucket in buckets:
@@ -503,13 +506,15 @@ class SlotPrograms:
                 for R in self._row_counts(bucket, s):
                     tokens = like(jax.ShapeDtypeStruct((R, bucket), jnp.int32), rep)
                     lengths = like(jax.ShapeDtypeStruct((R,), jnp.int32), rep)
-                    self._prefill_program(s, R).lower(params, tokens, lengths).compile()
+                    lowered.append(self._prefill_program(s, R).lower(params, tokens, lengths))
             tokens = like(jax.ShapeDtypeStruct((1, bucket), jnp.int32), rep)
             lengths = like(jax.ShapeDtypeStruct((1,), jnp.int32), rep)
             kv = like(
                 jax.eval_shape(self._prefill_program(False, 1), params, tokens, lengths)[0].cache,
                 self.kv_sharding,
             )
-            self._insert.lower(state, kv, row_state, slot).compile()
+            lowered.append(self._insert.lower(state, kv, row_state, slot))
         for program in self._decode.values():
-            program.lower(params, state, like(np.zeros(self.slots, bool), rows)).compile()
+            lowered.append(program.lower(params, state, like(np.zeros(self.slots, bool), rows)))
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(lambda program: program.compile(), lowered))
