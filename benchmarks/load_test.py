@@ -254,6 +254,7 @@ async def drive(
     timeout: float,
     eos: int,
     on_progress: Callable[[int], None] | None = None,
+    retry_shed: float | None = None,
 ) -> tuple[list[Outcome], float]:
     rng = random.Random(seed)
     plan = []
@@ -265,13 +266,23 @@ async def drive(
         plan.append((path, body, hang_up))
     outcomes: list[Outcome] = []
     queue = iter(plan)
+    done = 0  # requests of the plan that have ended (refusals that are sent again not counted)
 
     async def client(i: int) -> None:
+        nonlocal done
         client_rng = random.Random(seed * 1000 + i)
         for path, body, hang_up in queue:
-            outcomes.append(await one_request(port, key, path, body, hang_up, client_rng, timeout))
+            while True:
+                outcome = await one_request(port, key, path, body, hang_up, client_rng, timeout)
+                outcomes.append(outcome)
+                if outcome.kind != "shed" or retry_shed is None:
+                    break
+                # Back off and send the same request again, as OpenAI's clients do on a 429 (sooner than
+                # the server's Retry-After, to keep the pressure on).
+                await asyncio.sleep(retry_shed * client_rng.uniform(0.5, 1.5))
+            done += 1
             if on_progress is not None:
-                on_progress(len(outcomes))
+                on_progress(done)
 
     start = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
@@ -299,12 +310,15 @@ def run(
     warmup: int = 256,
     seed: int = 0,
     timeout: float = 120,
+    retry_shed: float | None = None,
 ) -> LoadReport:
-    """The load test against a started, healthy server."""
+    """The load test against a started, healthy server. With `retry_shed` (seconds), a request refused
+    with 429 is sent again after about that long, until it is served; each refusal is an outcome of its
+    own, so every request of the plan ends in exactly one outcome other than "shed"."""
     model = json.loads(server.get("/v1/models")[1])["data"][0]["id"]
     eos = json.loads(server.get("/tokenize", body={"prompt": "<|endoftext|>"})[1])["tokens"][0]
     go = lambda n, s, progress=None: asyncio.run(
-        drive(server.port, server.key, model, n, clients, disconnect, s, timeout, eos, progress)
+        drive(server.port, server.key, model, n, clients, disconnect, s, timeout, eos, progress, retry_shed)
     )
     go(warmup, seed + 1)  # first-use costs (allocations, caches) before the baseline
     before = settle(server)

@@ -35,7 +35,7 @@ def test_load_no_errors_no_leaked_slots_flat_memory(tmp_path, tmp_path_factory):
 
 def test_overload_is_shed_with_429(tmp_path, tmp_path_factory):
     """Four times more clients than 4 slots and a queue of 2: the excess is refused at once with 429 and
-    Retry-After (load shedding), everything else still succeeds, and nothing leaks."""
+    Retry-After (load shedding), every request still succeeds once sent again, and nothing leaks."""
     env = {
         "API_KEYS": KEY,
         "SLOTS": "4",
@@ -44,8 +44,12 @@ def test_overload_is_shed_with_429(tmp_path, tmp_path_factory):
     }
     with ServerProcess(env, log_path=tmp_path / "server.log") as server:
         server.wait_healthy()
-        report = run(server, requests=100, clients=16, disconnect=0.1, warmup=8, seed=4)
+        report = run(server, requests=100, clients=16, disconnect=0.1, warmup=8, seed=4, retry_shed=0.05)
         print("\n".join(report.lines()))
-        assert not report.unexpected and report.count("shed") > 10 and report.count("ok") > 10, report.lines()
+        # 16 clients keep sending to room for 6 all run long, so refusals are many; each refused request
+        # is sent again until served, so all 100 end well (served, or hung up on purpose).
+        assert not report.unexpected and report.count("shed") > 10, report.lines()
+        assert report.count("ok") + report.count("disconnected") == 100, report.lines()
+        assert report.count("ok") >= 80, report.lines()
         assert report.busy_slots == 0 and report.queue_length == 0 and report.engine_failed == 0
         assert server.terminate() == 0
