@@ -324,7 +324,7 @@ def test_closing_or_cancelling_a_request_frees_its_slots(lm, engine, monkeypatch
 
 def test_full_queue_refuses_at_once_and_long_waits_are_refused(lm, engine, monkeypatch):
     slow_decode(engine, monkeypatch, 0.05)
-    monkeypatch.setattr(engine, "queue_timeout", 0.3)
+    monkeypatch.setattr(engine, "queue_timeout", 1.0)
 
     async def go():
         busy = [engine.generate(long_request(lm)) for _ in range(SLOTS)]
@@ -336,7 +336,7 @@ def test_full_queue_refuses_at_once_and_long_waits_are_refused(lm, engine, monke
         t = time.monotonic()
         with pytest.raises(EngineOverloaded):
             await anext(engine.generate(long_request(lm)))
-        assert time.monotonic() - t < 0.1  # at once, not after a wait
+        assert time.monotonic() - t < 0.5  # at once, not after the 1 s wait (margin for a busy machine)
         with pytest.raises(EngineOverloaded, match="no slot within"):
             await waiting
         for s in busy:
