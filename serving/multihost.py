@@ -19,6 +19,8 @@ Settings (environment; all processes get the same ones except PROCESS_ID):
     NUM_PROCESSES         how many processes
     PROCESS_ID            this process's index, 0 for the one serving HTTP
     DISTRIBUTED=auto      instead of the three above: let JAX find them (TPU pod slices, SLURM, ...)
+    HEARTBEAT_TIMEOUT     seconds without a heartbeat from a process before JAX's coordination service
+                          aborts the others (default 100, JAX's), so a supervisor can restart the group
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Cluster:
     num_processes: int = 1
     process_id: int = 0
     auto: bool = False  # DISTRIBUTED=auto: JAX detects the cluster
+    heartbeat_timeout: int = 100  # seconds; JAX's default
 
     @property
     def enabled(self) -> bool:
@@ -61,8 +64,11 @@ class Cluster:
         mode, address = get("DISTRIBUTED").lower(), get("COORDINATOR_ADDRESS")
         if mode not in ("", "auto", "0", "off"):
             raise SettingsError(f"DISTRIBUTED={mode!r}: expected auto (or leave it unset)")
+        timeout = _int(get, "HEARTBEAT_TIMEOUT") if get("HEARTBEAT_TIMEOUT") else cls.heartbeat_timeout
+        if timeout < 1:
+            raise SettingsError(f"HEARTBEAT_TIMEOUT={timeout}: expected at least 1 (seconds)")
         if mode == "auto" and not address:
-            return cls(auto=True)
+            return cls(auto=True, heartbeat_timeout=timeout)
         if not address:
             if get("NUM_PROCESSES") not in ("", "1") or get("PROCESS_ID") not in ("", "0"):
                 raise SettingsError(
@@ -75,13 +81,13 @@ class Cluster:
         n, pid = _int(get, "NUM_PROCESSES"), _int(get, "PROCESS_ID")
         if n < 1 or not 0 <= pid < n:
             raise SettingsError(f"PROCESS_ID={pid}: expected 0..NUM_PROCESSES-1 ({n - 1})")
-        return cls(address, n, pid)
+        return cls(address, n, pid, heartbeat_timeout=timeout)
 
 
 def _int(get: Callable[[str], str], name: str) -> int:
     raw = get(name)
     if not raw.isdigit():
-        raise SettingsError(f"{name}={raw!r}: expected an integer (set with COORDINATOR_ADDRESS)")
+        raise SettingsError(f"{name}={raw!r}: expected a whole number")
     return int(raw)
 
 
@@ -93,9 +99,14 @@ def initialize(cluster: Cluster) -> None:
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if cluster.auto:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=cluster.heartbeat_timeout)
     else:
-        jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes, cluster.process_id)
+        jax.distributed.initialize(
+            cluster.coordinator_address,
+            cluster.num_processes,
+            cluster.process_id,
+            heartbeat_timeout_seconds=cluster.heartbeat_timeout,
+        )
     log.info(
         "process %d of %d: %d local devices of %d",
         jax.process_index(),

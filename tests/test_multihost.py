@@ -8,6 +8,7 @@ stops both with SIGTERM. The other tests check the settings and the broadcast pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,12 +38,18 @@ def test_cluster_settings():
     )
     assert c.enabled and (c.coordinator_address, c.num_processes, c.process_id) == ("10.0.0.1:8476", 4, 3)
     assert multihost.Cluster.from_env({"DISTRIBUTED": "auto"}).auto
+    assert c.heartbeat_timeout == 100
+    assert (
+        multihost.Cluster.from_env({"DISTRIBUTED": "auto", "HEARTBEAT_TIMEOUT": "7"}).heartbeat_timeout == 7
+    )
     bad = [
         ({"COORDINATOR_ADDRESS": "10.0.0.1"}, "host:port"),
         ({"COORDINATOR_ADDRESS": "h:1", "NUM_PROCESSES": "2", "PROCESS_ID": "2"}, "0..NUM_PROCESSES-1"),
         ({"COORDINATOR_ADDRESS": "h:1", "NUM_PROCESSES": "two", "PROCESS_ID": "0"}, "NUM_PROCESSES"),
         ({"NUM_PROCESSES": "2", "PROCESS_ID": "1"}, "need COORDINATOR_ADDRESS"),
         ({"DISTRIBUTED": "yes"}, "DISTRIBUTED"),
+        ({"DISTRIBUTED": "auto", "HEARTBEAT_TIMEOUT": "soon"}, "HEARTBEAT_TIMEOUT"),
+        ({"DISTRIBUTED": "auto", "HEARTBEAT_TIMEOUT": "0"}, "HEARTBEAT_TIMEOUT"),
     ]
     for env, message in bad:
         with pytest.raises(SettingsError, match=message):
@@ -140,7 +147,10 @@ def post(base: str, body: dict) -> dict | str:
         return r.read().decode() if body.get("stream") else json.load(r)
 
 
-def test_two_processes_serve_a_request_end_to_end(tiny_checkpoint, tmp_path):
+@contextlib.contextmanager
+def two_processes(tiny_checkpoint: Path, tmp_path: Path, **extra_env: str):
+    """Starts `python -m serving` as processes 0 and 1 of one cluster on loopback and waits until process
+    0 is healthy; yields (base URL, processes, a function giving both logs' tails); kills what is left."""
     port, coordinator = free_port(), free_port()
     env = {
         **os.environ,
@@ -154,6 +164,7 @@ def test_two_processes_serve_a_request_end_to_end(tiny_checkpoint, tmp_path):
         "MESH": "data:2,model:2",
         "SLOTS": "4",
         "LOG_LEVEL": "INFO",
+        **extra_env,
     }
     logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]  # noqa: SIM115 (read on failure)
     procs = [
@@ -173,6 +184,18 @@ def test_two_processes_serve_a_request_end_to_end(tiny_checkpoint, tmp_path):
         while get(base + "/health") != 200:
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, tail()
             time.sleep(0.2)
+        yield base, procs, tail
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+
+
+def test_two_processes_serve_a_request_end_to_end(tiny_checkpoint, tmp_path):
+    with two_processes(tiny_checkpoint, tmp_path) as (base, procs, tail):
         lm = gpt2jax.load(tiny_checkpoint)
         prompt = "The for statement"
         greedy = post(base, {"model": "davinci", "prompt": prompt, "max_tokens": 12, "temperature": 0})
@@ -200,14 +223,22 @@ def test_two_processes_serve_a_request_end_to_end(tiny_checkpoint, tmp_path):
         for p in procs:
             p.send_signal(signal.SIGTERM)
         assert [p.wait(60) for p in procs] == [0, 0], tail()
-        assert "process 0 stopped: leaving" in _tail(logs[1])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
+        assert "process 0 stopped: leaving" in tail().split("--- process 1")[1]
+
+
+def test_a_dead_follower_stops_the_leader_after_the_heartbeat_timeout(tiny_checkpoint, tmp_path):
+    """A killed process 1 must not leave process 0 serving a cluster that can no longer run anything:
+    JAX's coordination service aborts it once HEARTBEAT_TIMEOUT passes, for a supervisor to restart."""
+    with two_processes(tiny_checkpoint, tmp_path, HEARTBEAT_TIMEOUT="5") as (base, procs, tail):
+        procs[1].kill()
+        procs[1].wait()
+        killed = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            procs[0].wait(60)
+        waited = time.monotonic() - killed
+        assert procs[0].returncode not in (None, 0), tail()
+        assert waited < 45, (waited, tail())  # 5 s timeout; well below JAX's default 100 s
+        assert "heartbeat" in (tmp_path / "process0.log").read_text(), tail()  # JAX says why
 
 
 def _tail(log) -> str:
