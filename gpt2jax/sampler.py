@@ -1,4 +1,4 @@
-"""The jitted sampler: prefill a padded batch of prompts, then decode with `lax.scan` in chunks of steps.
+"""The jitted sampler: prefill a padded batch of prompts, then decode in compiled chunks of steps.
 
 Shapes are kept static so that XLA compiles once per bucket: prompts are right-padded to a power-of-two
 length, the batch to a power-of-two size, and the KV cache to a power-of-two length that fits prompt and
@@ -64,7 +64,8 @@ def prompt_scores(logits: jax.Array, tokens: jax.Array) -> PromptScores:
 class Sampler:
     """Owns the compiled prefill and decode functions of one model configuration.
 
-    `compilations` counts traces (each trace means one XLA compilation): tests assert on it.
+    `compilations` counts traces (each trace means one XLA compilation) and `decode_steps` the decode
+    steps run (all rows together): tests assert on them.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class Sampler:
         self.layout = layout
         self.qkv_groups = layout.qkv_groups if layout is not None else 1
         self.compilations = 0
+        self.decode_steps = 0
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "score_prompt"))
         self._decode = jax.jit(self._decode_impl, donate_argnames=("state",))
 
@@ -137,11 +139,17 @@ class Sampler:
 
     def _decode_impl(
         self, params: Any, state: DecodeState, want_top: jax.Array
-    ) -> tuple[DecodeState, sampling.SampleOutput]:
-        """`chunk_size` decode steps; returns the final state and per-step outputs [chunk, B, ...]."""
+    ) -> tuple[DecodeState, sampling.SampleOutput, jax.Array]:
+        """Up to `chunk_size` decode steps; returns the final state, per-step outputs [chunk, B, ...]
+        (token -1 for a row that was done) and how many steps ran.
+
+        A `lax.while_loop` rather than a `lax.scan` of fixed length: it ends as soon as every row is done,
+        so a short generation does not pay for the rest of the chunk (8 tokens ran 16 steps: 1.8x slower).
+        At full use it is as fast as the scan (measured on the CPU, 124M: 48.0 vs 47.1 tok/s).
+        """
         self.compilations += 1
 
-        def one_step(state: DecodeState, _):
+        def one_step(state: DecodeState) -> tuple[DecodeState, sampling.SampleOutput]:
             logits, cache = forward(
                 params,
                 self.config,
@@ -155,7 +163,21 @@ class Sampler:
             emitted = out._replace(token=jnp.where(state.done, -1, out.token))
             return self._advance(state._replace(cache=cache), out), emitted
 
-        return jax.lax.scan(one_step, state, None, length=self.chunk_size)
+        def unfinished(carry) -> jax.Array:
+            i, state, _ = carry
+            return (i < self.chunk_size) & ~jnp.all(state.done)
+
+        def body(carry):
+            i, state, outs = carry
+            state, emitted = one_step(state)
+            write = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)
+            return i + 1, state, jax.tree.map(write, outs, emitted)
+
+        _, emitted = jax.eval_shape(one_step, state)
+        outs = jax.tree.map(lambda a: jnp.zeros((self.chunk_size, *a.shape), a.dtype), emitted)
+        outs = outs._replace(token=jnp.full(outs.token.shape, -1, jnp.int32))
+        ran, state, outs = jax.lax.while_loop(unfinished, body, (jnp.int32(0), state, outs))
+        return state, outs, ran
 
     # ---- host side ----
 
@@ -212,9 +234,10 @@ class Sampler:
                 so_far = _collect(steps, n)
                 if all(done[i] or should_stop(i, so_far.tokens[i]) for i in range(n)):
                     break
-            state, chunk = self._decode(params, state, want_top)
-            chunk = jax.device_get(chunk)
-            steps.extend(sampling.SampleOutput(*(a[j] for a in chunk)) for j in range(self.chunk_size))
+            state, chunk, ran = self._decode(params, state, want_top)
+            chunk, ran = jax.device_get((chunk, ran))
+            steps.extend(sampling.SampleOutput(*(a[j] for a in chunk)) for j in range(ran))
+            self.decode_steps += int(ran)
             done = np.asarray(state.done)
         result = _collect(steps, n)
         if score_prompt:

@@ -62,6 +62,25 @@ def test_rows_stop_independently_at_max_tokens(model):
     )
     assert [len(t) for t in out.tokens] == [5, 0, 33]
     assert [len(lp) for lp in out.logprobs] == [5, 0, 33]
+    # The first token comes from the prefill; decoding stops with the last live row, mid-chunk.
+    assert sampler.decode_steps == 32
+
+
+def test_decoding_ends_mid_chunk_when_every_row_is_done(model):
+    """8 tokens with chunks of 16 steps run 7 decode steps (the prefill samples the first), not 16; and
+    the result is the same as with chunks of 1 step."""
+    cfg = model.config
+    sp = make_params(2, cfg.n_vocab, temperature=0.8, seed=[1, 2], logit_bias=[{cfg.eos_token_id: -1e9}] * 2)
+    prompts = [[5, 6, 7], [8]]
+    chunked, stepwise = Sampler(cfg, chunk_size=16), Sampler(cfg, chunk_size=1)
+    out = chunked.generate(model.params, prompts, 8, sp, logprobs=True)
+    want = stepwise.generate(model.params, prompts, 8, sp, logprobs=True)
+    assert chunked.decode_steps == 7 and stepwise.decode_steps == 7
+    assert out.tokens == want.tokens and [len(t) for t in out.tokens] == [8, 8]
+    np.testing.assert_allclose(np.array(out.logprobs), np.array(want.logprobs), atol=1e-5)
+    force_eos = make_params(1, cfg.n_vocab, temperature=0.0, logit_bias=[{cfg.eos_token_id: 1e9}])
+    assert chunked.generate(model.params, [[1]], 10, force_eos).tokens == [[cfg.eos_token_id]]
+    assert chunked.decode_steps == 7  # done at the prefill: no decode call at all
 
 
 def test_end_of_text_ends_a_row(model):
