@@ -1,24 +1,21 @@
-"""TF tensor bundles without TensorFlow: crc32c, the SSTable index, and whole checkpoints."""
+"""TF tensor bundles without TensorFlow: whole checkpoints read and written (the SSTable index and crc32c
+have their own tests in test_sstable.py)."""
 
 from __future__ import annotations
 
 import base64
 import os
-import struct
-import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from gpt2jax import tf_checkpoint as tfc
+from gpt2jax import protowire
+from gpt2jax.sstable import build_sstable
 from gpt2jax.tf_checkpoint import (
     TFCheckpointError,
     TFCheckpointReader,
-    build_sstable,
-    crc32c,
     latest_checkpoint,
-    read_sstable,
     read_tf_checkpoint,
     write_tf_checkpoint,
 )
@@ -81,121 +78,6 @@ def assert_same_tensors(got: dict, want: dict) -> None:
         assert g.dtype == w.dtype, name
         assert g.shape == w.shape, name
         assert g.tobytes() == w.tobytes(), name
-
-
-# --- crc32c --------------------------------------------------------------------------------------
-
-
-def test_crc32c_known_values():
-    # RFC 3720 (iSCSI) test vectors, and the usual check value.
-    assert crc32c(b"123456789") == 0xE3069283
-    assert crc32c(b"") == 0
-    assert crc32c(bytes(32)) == 0x8A9136AA
-    assert crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert crc32c(bytes(range(32))) == 0x46DD794E
-
-
-@pytest.mark.parametrize("n", [tfc._CRC_VECTOR_MIN - 1, tfc._CRC_VECTOR_MIN, 70001, 1 << 18])
-def test_crc32c_vectorized_path_matches_byte_loop(n):
-    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-    want = tfc._crc_bytes_loop(0xFFFFFFFF, memoryview(data)) ^ 0xFFFFFFFF
-    assert crc32c(data) == want
-    assert crc32c(data[n // 3 :], crc32c(data[: n // 3])) == want  # extending, as TF's crc32c::Extend
-
-
-def test_crc_mask_round_trip():
-    for v in (0, 1, 0xFFFFFFFF, 0x12345678):
-        assert tfc.unmask_crc(tfc.mask_crc(v)) == v
-    assert tfc.mask_crc(0) == 0xA282EAD8
-
-
-# --- SSTable -------------------------------------------------------------------------------------
-
-
-def _entry(shared: int, key_delta: bytes, value: bytes) -> bytes:
-    return bytes([shared, len(key_delta), len(value)]) + key_delta + value
-
-
-def _with_trailer(contents: bytes, kind: int = 0) -> bytes:
-    body = contents + bytes([kind])
-    return body + struct.pack("<I", tfc.mask_crc(crc32c(body)))
-
-
-def test_read_hand_built_sstable_with_prefix_compression_and_restarts():
-    # Block 1: "apple", "apricot" shares "ap" with it; "banana" is a restart point (restart interval 2).
-    e0 = _entry(0, b"apple", b"1")
-    e1 = _entry(2, b"ricot", b"22")
-    e2 = _entry(0, b"banana", b"")
-    block1 = e0 + e1 + e2 + struct.pack("<3I", 0, len(e0 + e1), 2)
-    block2 = _entry(0, b"cherry", b"x") + struct.pack("<2I", 0, 1)
-    table = bytearray(_with_trailer(block1))
-    handle1 = (0, len(block1))
-    handle2 = (len(table), len(block2))
-    table += _with_trailer(block2)
-    meta = (len(table), 8)
-    table += _with_trailer(struct.pack("<2I", 0, 1))
-
-    def enc(h):
-        return tfc._varint(h[0]) + tfc._varint(h[1])
-
-    i0 = _entry(0, b"c", enc(handle1))
-    i1 = _entry(0, b"d", enc(handle2))
-    index = i0 + i1 + struct.pack("<3I", 0, len(i0), 2)
-    index_handle = (len(table), len(index))
-    table += _with_trailer(index)
-    table += (enc(meta) + enc(index_handle)).ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
-
-    assert list(read_sstable(bytes(table))) == [
-        (b"apple", b"1"),
-        (b"apricot", b"22"),
-        (b"banana", b""),
-        (b"cherry", b"x"),
-    ]
-
-
-def test_build_sstable_many_blocks_round_trip():
-    items = [
-        (f"model/h{i}/attn/c_attn/{w}".encode(), bytes([i % 256]) * (i % 5)) for i in range(200) for w in "bw"
-    ]
-    items.sort()
-    table = build_sstable(items, block_size=256, restart_interval=3)
-    assert list(read_sstable(table)) == items
-    # Several data blocks, each indexed by a short separator key.
-    index_handle, _ = tfc._read_block_handle(table[-48:], tfc._read_block_handle(table[-48:], 0)[1])
-    index = list(tfc._block_entries(tfc._read_block(table, index_handle)))
-    assert len(index) > 10
-
-
-def test_build_sstable_rejects_unsorted_keys():
-    with pytest.raises(ValueError, match="sorted"):
-        build_sstable([(b"b", b""), (b"a", b"")])
-
-
-def test_sstable_corruption_detected():
-    table = bytearray(build_sstable([(b"a", b"1"), (b"b", b"2")]))
-    table[3] ^= 0xFF
-    with pytest.raises(TFCheckpointError, match="crc32c mismatch"):
-        list(read_sstable(bytes(table)))
-    with pytest.raises(TFCheckpointError, match="magic"):
-        list(read_sstable(bytes(table[:-1]) + b"\0"))
-    with pytest.raises(TFCheckpointError, match="too short"):
-        list(read_sstable(b"\0" * 10))
-
-
-def test_snappy_block_gives_clear_error(monkeypatch):
-    # An index whose data block claims snappy compression (as LevelDB does when compression is on).
-    block = _entry(0, b"a", b"1") + struct.pack("<2I", 0, 1)
-    table = bytearray(_with_trailer(block, kind=1))
-    meta = (len(table), 8)
-    table += _with_trailer(struct.pack("<2I", 0, 1))
-    idx = _entry(0, b"b", tfc._varint(0) + tfc._varint(len(block))) + struct.pack("<2I", 0, 1)
-    index_handle = (len(table), len(idx))
-    table += _with_trailer(idx)
-    handles = b"".join(tfc._varint(v) for v in (*meta, *index_handle))
-    table += handles.ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
-    monkeypatch.setitem(sys.modules, "snappy", None)  # as if not installed
-    with pytest.raises(TFCheckpointError, match="snappy"):
-        list(read_sstable(bytes(table)))
 
 
 # --- tensor bundles ------------------------------------------------------------------------------
@@ -331,7 +213,7 @@ def test_corrupt_data_fails_crc(tmp_path):
 
 
 def _write_index(prefix, entries: dict[str, bytes]) -> None:
-    header = tfc._field_varint(1, 1)
+    header = protowire.field_varint(1, 1)
     items = [(b"", header)] + sorted((k.encode(), v) for k, v in entries.items())
     with open(f"{prefix}.index", "wb") as f:
         f.write(build_sstable(items))
@@ -339,8 +221,8 @@ def _write_index(prefix, entries: dict[str, bytes]) -> None:
 
 
 def test_unsupported_dtype_and_sliced_entries(tmp_path):
-    complex64 = tfc._field_varint(1, 8) + tfc._field_bytes(2, b"")
-    sliced = tfc._field_varint(1, 1) + tfc._field_bytes(7, b"")
+    complex64 = protowire.field_varint(1, 8) + protowire.field_bytes(2, b"")
+    sliced = protowire.field_varint(1, 1) + protowire.field_bytes(7, b"")
     _write_index(tmp_path / "m", {"c": complex64, "s": sliced})
     reader = TFCheckpointReader(tmp_path / "m")
     with pytest.raises(TFCheckpointError, match=r"m: tensor 'c' has unsupported TF dtype enum 8"):
