@@ -23,12 +23,17 @@ from gpt2jax.tokenizer import GPT2Tokenizer
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
+def models_root(models_dir: str | os.PathLike | None = None) -> Path:
+    """Where model names live: `models_dir`, else $MODELS_DIR, else ./checkpoints."""
+    return Path(models_dir or os.environ.get("MODELS_DIR", "checkpoints"))
+
+
 def resolve_checkpoint(path_or_name: str | os.PathLike, models_dir: str | os.PathLike | None = None) -> Path:
-    """A folder path as given, else `<models_dir>/<name>` (models_dir: $MODELS_DIR or ./checkpoints)."""
+    """A folder path as given, else `<models_root>/<name>` ("/" in the name becomes "--")."""
     path = Path(path_or_name)
     if path.is_dir():
         return path
-    root = Path(models_dir or os.environ.get("MODELS_DIR", "checkpoints"))
+    root = models_root(models_dir)
     name = str(path_or_name).replace("/", "--")
     if name not in (".", "..") and (root / name).is_dir():
         return root / name
@@ -156,6 +161,7 @@ def load(
     *,
     allow_pickle: bool = False,
     mesh: Mesh | MeshShape | str | None = None,
+    download: bool = False,
 ) -> LanguageModel:
     """Loads a GPT-2 checkpoint folder (Hugging Face or OpenAI layout) or a model name under ./checkpoints.
 
@@ -163,10 +169,19 @@ def load(
     mesh: spread the model over devices (gpt2jax.sharding): a Mesh, or a shape such as "model:4" or
     "data:2,model:4" over all devices. The weights go from the host straight to the devices, each device
     receiving only its part, so a model too big for one device loads. None: one device.
+    download: a name with no folder yet (a GPT-2 size such as "124M", or a Hugging Face repo id) is
+    downloaded first into $MODELS_DIR or ./checkpoints, as `python3 download_model.py NAME` would.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
-    folder = resolve_checkpoint(path_or_name)
+    try:
+        folder = resolve_checkpoint(path_or_name)
+    except FileNotFoundError as e:
+        if not download:
+            raise FileNotFoundError(f"{e}, or load it with download=True") from None
+        from gpt2jax.download import download as fetch  # only a download needs the HTTP code
+
+        folder = fetch(str(path_or_name), dest_root=models_root())
     jdtype = DTYPES[dtype]
     config, params = load_params(folder, dtype=np.float32, allow_pickle=allow_pickle)
     tokenizer = GPT2Tokenizer.from_dir(folder)

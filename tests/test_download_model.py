@@ -402,3 +402,23 @@ def test_openai_resume_and_md5(host, tmp_path):
     with pytest.raises(DownloadError, match="hparams.json: md5 mismatch"):
         download("117M", source="openai", dest_root=tmp_path, progress=False)
     assert not (tmp_path / "117M" / "hparams.json").exists()
+
+
+def test_notebook_load_downloads_a_missing_model(host, tiny_checkpoint, tmp_path, monkeypatch):
+    """gpt2jax.load(name, download=True) fetches a name that has no folder yet, then loads it; a second
+    load finds the folder and sends no request; without download=True the error says how to get it."""
+    import gpt2jax
+
+    files = {f.name: f.read_bytes() for f in tiny_checkpoint.iterdir() if f.is_file()}
+    add_hub_repo(host, "user/tiny-gpt2", files)
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        gpt2jax.load("user/tiny-gpt2")
+    assert host.requests == []
+    model = gpt2jax.load("user/tiny-gpt2", download=True)
+    assert sorted(p.name for p in (tmp_path / "user--tiny-gpt2").iterdir()) == sorted(files)
+    want = gpt2jax.load(tiny_checkpoint).generate("The for statement", max_tokens=8, temperature=0)
+    assert model.generate("The for statement", max_tokens=8, temperature=0) == want
+    sent = len(host.requests)
+    gpt2jax.load("user/tiny-gpt2", download=True)
+    assert len(host.requests) == sent
