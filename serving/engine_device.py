@@ -2,7 +2,8 @@
 
 A request goes prefill (one prompt, right-padded to a length bucket) -> insert (its KV written into one
 decode slot, the slot index traced, its first token sampled with the slot's own settings) -> decode (a
-chunk of `lax.scan` steps for every slot at once, the state donated so the KV cache is updated in place).
+chunk of steps for every slot at once, the state donated so the KV cache is updated in place; the chunk
+stops early once every slot is done).
 Decode is compiled for a few cache windows (powers of two up to n_ctx): a chunk whose live rows are all
 short attends over, and writes, only the start of the cache, so a step reads a fraction of it. It is also
 compiled for a few numbers of leading slots per device (powers of 4 and all of them): slots are filled in
@@ -34,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from gpt2jax import sampling
 from gpt2jax.config import GPT2Config
 from gpt2jax.model import KVCache, forward, forward_last, init_cache
-from gpt2jax.sampler import PromptScores, prompt_scores
+from gpt2jax.sampler import PromptScores, prompt_scores, steps_until_done
 from gpt2jax.sharding import Layout, make_mesh
 
 AXIS = "data"
@@ -353,9 +354,11 @@ class SlotPrograms:
     def _decode_local(
         self, params: Any, state: SlotState, active: jax.Array, window: int, rows: int
     ) -> tuple[SlotState, sampling.SampleOutput]:
-        """`chunk_size` steps for this device's first `rows` slots (the others are left as they are);
-        per-step outputs [chunk, rows], token -1 when done.
+        """Up to `chunk_size` steps for this device's first `rows` slots (the others are left as they
+        are); per-step outputs [chunk, rows], token -1 when done.
 
+        The loop ends early once all these rows are done: the chunk dispatched while the host reads the
+        one in which its last request finished then runs no step, instead of `chunk_size` for nothing.
         Live rows must stay below position `window` (done rows may be anywhere: a write beyond the
         window is dropped and their outputs are ignored).
         """
@@ -363,7 +366,7 @@ class SlotPrograms:
         state = _leading(state, rows, window)
         state = state._replace(done=state.done | ~active[:rows])
 
-        def one_step(state: SlotState, _):
+        def one_step(state: SlotState) -> tuple[SlotState, sampling.SampleOutput]:
             logits, cache = forward(
                 params,
                 self.config,
@@ -379,7 +382,7 @@ class SlotPrograms:
             emitted = out._replace(token=jnp.where(state.done, -1, out.token))
             return _advance(state._replace(cache=cache), out, self.config.n_ctx), emitted
 
-        state, outs = jax.lax.scan(one_step, state, None, length=self.chunk_size)
+        _, state, outs = steps_until_done(one_step, state, self.chunk_size)
         if rows < full.token.shape[0] or window < self.config.n_ctx:  # written back in place (donated)
             state = jax.tree.map(
                 lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim), full, state
