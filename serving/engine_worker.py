@@ -151,7 +151,11 @@ class SlotWorker:
                 self._reap()
                 self._admit(pending)
                 dispatched = self._dispatch_decode(pending)
-                while len(pending) > dispatched:  # keep the newest chunk running while reading the rest
+                # With every slot busy, keep the newest chunk running while reading the rest (the device
+                # never waits on the host). With a slot free, read it too: a request that arrives
+                # meanwhile is then prefilled after this chunk, not after the one queued behind it.
+                keep = dispatched and not self.free
+                while len(pending) > keep:
                     self._process(pending.popleft())
                     self._inflight = len(pending)
             except Exception as exc:
