@@ -353,6 +353,36 @@ def test_a_late_request_waits_for_one_chunk_not_two(lm, engine, monkeypatch):
     assert 1 in in_flight["decode"]  # the chunks run while all slots were busy were pipelined
 
 
+def test_prompts_admitted_together_prefill_in_the_smallest_compiled_batch(lm, engine, monkeypatch):
+    """Three prompts admitted in one wave take a 4-row prefill (compiled for 1, 4 and the full 8 rows
+    here), not one padded to 8; their results are the ones they get alone."""
+
+    def greedy(prompt: str) -> GenerationRequest:
+        return GenerationRequest(prompt=tuple(lm.tokenizer.encode(prompt)), max_tokens=5, temperature=0.0)
+
+    alone = [asyncio.run(collect(engine, greedy(p)))[0].text for p in PROMPTS[:3]]
+    slow_decode(engine, monkeypatch, 0.05)
+    rows = []
+    real = engine.programs._prefill_program
+
+    def record(score, n):
+        rows.append(n)
+        return real(score, n)
+
+    monkeypatch.setattr(engine.programs, "_prefill_program", record)
+
+    async def go():
+        running = engine.generate(long_request(lm))
+        await anext(running)  # decoding: the next three wait in the queue and are admitted together
+        rows.clear()
+        texts = await asyncio.gather(*(collect(engine, greedy(p)) for p in PROMPTS[:3]))
+        await running.aclose()
+        return [t[0].text for t in texts]
+
+    assert asyncio.run(go()) == alone
+    assert rows == [4], rows
+
+
 def test_full_queue_refuses_at_once_and_long_waits_are_refused(lm, engine, monkeypatch):
     slow_decode(engine, monkeypatch, 0.05)
     monkeypatch.setattr(engine, "queue_timeout", 1.0)
