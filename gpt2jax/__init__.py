@@ -7,9 +7,44 @@ model.score("The quick brown fox")               # per-token logprobs, first ent
 model.tokenizer.encode("text"), model.tokenizer.decode([464, 2068])
 """
 
-from gpt2jax.config import PRESETS, GPT2Config, preset
-from gpt2jax.lm import LanguageModel, load
-from gpt2jax.tokenizer import GPT2Tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpt2jax.config import PRESETS, GPT2Config, preset
+    from gpt2jax.lm import LanguageModel, load
+    from gpt2jax.tokenizer import GPT2Tokenizer
 
 __all__ = ["PRESETS", "GPT2Config", "GPT2Tokenizer", "LanguageModel", "load", "preset"]
 __version__ = "0.1.0"
+
+# Imported on first use, so that gpt2jax.download (download_model.py) runs with only Python's standard
+# library installed: the quickstart downloads a model before `pip install` has brought JAX.
+_HOME = {
+    "PRESETS": "config",
+    "GPT2Config": "config",
+    "preset": "config",
+    "LanguageModel": "lm",
+    "load": "lm",
+    "GPT2Tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    else:  # a submodule not imported yet (`gpt2jax.sharding`), as the eager imports used to provide
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

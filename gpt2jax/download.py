@@ -26,7 +26,7 @@ from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
 
-from tqdm import tqdm
+from gpt2jax.progress import Progress
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"  # overridden by $HF_ENDPOINT, as in huggingface_hub
 OPENAI_DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2"  # by $GPT2_OPENAI_BASE_URL
@@ -175,7 +175,7 @@ class Fetcher:
 
     def _say(self, message: str) -> None:
         if self.progress:
-            tqdm.write(message, file=sys.stderr)
+            Progress.write(message, file=sys.stderr)
 
     def _attempt(self, url: str, dest: Path, part: Path) -> None:
         offset = part.stat().st_size if part.exists() else 0
@@ -212,7 +212,7 @@ class Fetcher:
         received = 0
         with (
             open(part, "ab" if offset else "wb") as f,
-            tqdm(
+            Progress(
                 total=total,
                 initial=offset,
                 desc=name,
@@ -332,19 +332,34 @@ class _Source:
     token: str | None
     auth_hint: str  # for 401/403 messages
     not_found_hint: str  # for 404 messages on required files
+    known: bool  # one of OpenAI's GPT-2 sizes: its files exist, so a 404 is the server's, not the name's
+
+
+def _env_url(var: str, default: str) -> tuple[str, str]:
+    """The base URL from $var, and how messages name it: the default host, or the mirror set in $var."""
+    url = (os.environ.get(var) or default).rstrip("/")
+    return url, urllib.parse.urlsplit(url).netloc if url == default else f"the mirror {var}={url}"
 
 
 def _resolve(name: str, source: str, revision: str | None, token: str | None) -> _Source:
     if source == "hf":
         repo = hf_repo_id(name)
-        endpoint = (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+        endpoint, host = _env_url("HF_ENDPOINT", HF_DEFAULT_ENDPOINT)
+        if name in HF_REPOS:
+            wrong = f"; is revision {revision!r} right?" if revision else ""
+            hint = f"{host} lacks this file of {repo} (revision {revision or 'main'!r}){wrong}"
+        else:
+            hint = (
+                f"is {name!r} right? expected a GPT-2 size ({', '.join(HF_REPOS)}) or a Hugging Face repo "
+                "id; private repos need HF_TOKEN"
+            )
         # As huggingface_hub does: a revision like "refs/pr/1" is one path segment.
         return _Source(
             base=f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision or 'main', safe='')}/",
             token=token or os.environ.get("HF_TOKEN") or None,
             auth_hint="; the repo may not exist, or be private or gated: set HF_TOKEN to a token with access",
-            not_found_hint=f"is {name!r} right? expected a GPT-2 size ({', '.join(HF_REPOS)}) or a Hugging "
-            "Face repo id; private repos need HF_TOKEN",
+            not_found_hint=hint,
+            known=name in HF_REPOS,
         )
     if source == "openai":
         if name not in OPENAI_FOLDERS:
@@ -352,12 +367,13 @@ def _resolve(name: str, source: str, revision: str | None, token: str | None) ->
             raise DownloadError(f"unknown GPT-2 size {name!r} for --source openai; known: {known}")
         if revision:
             raise DownloadError("a revision only applies to the Hugging Face hub (--source hf)")
-        endpoint = (os.environ.get("GPT2_OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL).rstrip("/")
+        endpoint, host = _env_url("GPT2_OPENAI_BASE_URL", OPENAI_DEFAULT_BASE_URL)
         return _Source(
             base=f"{endpoint}/models/{OPENAI_FOLDERS[name]}/",
             token=None,
             auth_hint="",
-            not_found_hint="is GPT2_OPENAI_BASE_URL right?",
+            not_found_hint=f"{host} lacks this file of GPT-2 {OPENAI_FOLDERS[name]}",
+            known=True,
         )
     raise DownloadError(f"unknown source {source!r}; use 'hf' or 'openai'")
 
@@ -420,7 +436,8 @@ def download(
             return dest
         for file in HF_FILES:
             if file == "model.safetensors":
-                _get_hf_weights(get, get_required)
+                no_weights = src.not_found_hint if src.known else "the repo has no safetensors weights"
+                _get_hf_weights(get, get_required, no_weights)
             else:
                 get_required(file)
         for file in HF_OPTIONAL_FILES:
@@ -433,8 +450,10 @@ def download(
         raise
 
 
-def _get_hf_weights(get: Callable[[str], Path], get_required: Callable[[str], Path]) -> None:
-    """model.safetensors, or the shards that model.safetensors.index.json lists (big models saved sharded)."""
+def _get_hf_weights(get: Callable[[str], Path], get_required: Callable[[str], Path], no_weights: str) -> None:
+    """model.safetensors, or the shards that model.safetensors.index.json lists (big models saved sharded).
+
+    no_weights: what a message says when neither is found."""
     try:
         get("model.safetensors")
         return
@@ -443,7 +462,7 @@ def _get_hf_weights(get: Callable[[str], Path], get_required: Callable[[str], Pa
     try:
         index = get("model.safetensors.index.json")
     except NotFoundError:
-        raise DownloadError(f"{missing}; the repo has no safetensors weights (nor a sharded index)") from None
+        raise DownloadError(f"{missing}; no sharded index either ({no_weights})") from None
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (ValueError, KeyError, AttributeError, TypeError) as e:
