@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
+from gpt2jax.download import HF_REPOS
 from serving.chat_template import ChatTemplate
 from serving.engine_api import Engine
 from serving.errors import APIError
@@ -25,6 +27,27 @@ def legacy_names(family: str) -> list[str]:
 
 LOADING, WARMING, READY, FAILED = "loading", "warming", "ready", "failed"
 
+# The models committed under the repository's checkpoints/ (downloads land there too, under other names).
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
+SHIPPED_MODELS = ("pydoc-tiny",)
+# OpenAI's GPT-2, by the names download_model.py gives its folders: sizes and hub ids, "/" as "--".
+OPENAI_NAMES = {*HF_REPOS, *(r.replace("/", "--") for r in HF_REPOS.values())}
+OPENAI_NAMES |= {r.split("/")[1] for r in HF_REPOS.values()}  # the hub's old ids: gpt2, gpt2-medium...
+
+
+def owner_of(name: str, path: str | None = None) -> str:
+    """Who made a served model (/v1/models' owned_by, /v1/engines' owner), from its folder name.
+
+    "openai" for OpenAI's GPT-2 only; "gpt2jax" for the model shipped with this project; for a hub repo
+    downloaded as `<owner>--<repo>`, its owner; else "user": a model of whoever runs the server.
+    """
+    if path is not None and Path(path).resolve() in {(SHIPPED_DIR / n).resolve() for n in SHIPPED_MODELS}:
+        return "gpt2jax"
+    if name in OPENAI_NAMES:
+        return "openai"
+    owner, sep, _ = name.partition("--")
+    return owner if sep and owner else "user"
+
 
 @dataclasses.dataclass
 class ServedModel:
@@ -40,6 +63,10 @@ class ServedModel:
     @property
     def n_ctx(self) -> int | None:
         return self.engine.n_ctx if self.engine is not None else None
+
+    @property
+    def owner(self) -> str:
+        return owner_of(self.name, self.path)
 
 
 def default_aliases(models: Sequence[ServedModel]) -> dict[str, str]:

@@ -24,7 +24,7 @@ def engine_object(model: ServedModel) -> dict[str, Any]:
     return {
         "id": model.name,
         "object": "engine",
-        "owner": "openai",
+        "owner": model.owner,  # as /v1/models' owned_by
         "ready": model.status == READY,
         "created": model.created,
     }

@@ -17,7 +17,7 @@ def model_object(model: ServedModel) -> dict[str, Any]:
         "id": model.name,
         "object": "model",
         "created": model.created,
-        "owned_by": "openai",
+        "owned_by": model.owner,  # "openai" for OpenAI's GPT-2 only (registry.owner_of)
         "context_length": model.n_ctx,  # None until the model is loaded
         "max_model_len": model.n_ctx,  # the name vLLM uses, which some clients read
         "status": model.status,

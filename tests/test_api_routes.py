@@ -11,7 +11,7 @@ from fake_engine import ScriptedEngine, call, make_app, sse_payloads
 from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.engine_api import EngineError, EngineOverloaded
 from serving.openapi import build_spec
-from serving.registry import LOADING, ModelRegistry, ServedModel
+from serving.registry import LOADING, SHIPPED_DIR, ModelRegistry, ServedModel, owner_of
 from serving.schemas import COMPLETION_FIELDS
 
 
@@ -52,7 +52,7 @@ def test_models_and_engines(app):
             {
                 "id": "tiny",
                 "object": "engine",
-                "owner": "openai",
+                "owner": "user",  # a model of the server's operator, not OpenAI's
                 "ready": True,
                 "created": pytest.approx(0, abs=1e10),
             }
@@ -221,6 +221,41 @@ def test_engine_refusals(app, engine, error, status, code):
         assert got == status and r["error"]["code"] == code and "secret" not in json.dumps(r)
     if status == 429:
         assert headers["Retry-After"]
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "owner"),
+    [
+        ("117M", "checkpoints/117M", "openai"),  # download_model.py's names for OpenAI's GPT-2
+        ("1558M", None, "openai"),
+        ("gpt2-medium", None, "openai"),
+        ("openai-community--gpt2-xl", None, "openai"),
+        ("pydoc-tiny", str(SHIPPED_DIR / "pydoc-tiny"), "gpt2jax"),  # shipped with the project
+        ("pydoc-tiny", "/elsewhere/pydoc-tiny", "user"),  # the same name in another folder is not ours
+        ("someone--my-gpt2", "checkpoints/someone--my-gpt2", "someone"),  # a hub repo: its owner
+        ("distilgpt2", None, "user"),
+        ("tiny", None, "user"),
+    ],
+)
+def test_model_owner(name, path, owner):
+    assert owner_of(name, path) == owner
+
+
+def test_owned_by_and_owner_agree(tok):
+    models = [
+        ServedModel(
+            "pydoc-tiny", path=str(SHIPPED_DIR / "pydoc-tiny"), engine=ScriptedEngine(tok), status="ready"
+        ),
+        ServedModel("117M", n_params=124_439_808, engine=ScriptedEngine(tok), status="ready"),
+        ServedModel("someone--my-gpt2", engine=ScriptedEngine(tok), status="ready"),
+    ]
+    app = make_app(ModelRegistry(models))
+    want = {"pydoc-tiny": "gpt2jax", "117M": "openai", "someone--my-gpt2": "someone"}
+    models = json.loads(call(app, "GET", "/v1/models")[2])["data"]
+    assert {m["id"]: m["owned_by"] for m in models} == want
+    engines = json.loads(call(app, "GET", "/v1/engines")[2])["data"]
+    assert {e["id"]: e["owner"] for e in engines} == want
+    assert json.loads(call(app, "GET", "/v1/models/davinci")[2])["owned_by"] == "openai"  # the largest
 
 
 def test_model_still_loading(tok):
