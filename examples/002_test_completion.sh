@@ -6,10 +6,9 @@
 # Env: T temperature (0.6), M max tokens (32), E engine / model (davinci: the served model of that size),
 # PORT (9000) or OPENAI_API_BASE, OPENAI_API_KEY if the server has API_KEYS.
 # On these legacy routes a prompt too long for the context keeps its last n_ctx - M tokens.
+# On an error (a wrong key or engine, M too large...) it prints the server's message on stderr and exits 1.
 set -euo pipefail
-base="${OPENAI_API_BASE:-http://localhost:${PORT:-9000}}"
-base="${base%/}"
-base="${base%/v1}"
+source "$(dirname "$0")/_api.sh"
 prompt="${1:-Hello, my name is}"
 if [ -f "$prompt" ]; then
   prompt="$(cat -- "$prompt")"
@@ -18,8 +17,5 @@ body="$(PROMPT="$prompt" T="${T:-0.6}" M="${M:-32}" python3 -c '
 import json, os
 print(json.dumps({"prompt": os.environ["PROMPT"], "temperature": float(os.environ["T"]),
                   "max_tokens": int(os.environ["M"]), "echo": True}))')"
-auth=()
-[ -n "${OPENAI_API_KEY:-}" ] && auth=(-H "Authorization: Bearer ${OPENAI_API_KEY}")
-curl -sS --fail-with-body "${auth[@]}" -H "Content-Type: application/json" -d "$body" \
-  "$base/v1/engines/${E:-davinci}/completions" |
-  python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["text"])'
+answer="$(api "/v1/engines/${E:-davinci}/completions" -H "Content-Type: application/json" -d "$body")"
+python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["text"])' <<<"$answer"

@@ -3,6 +3,7 @@
 # (the original's 003_completions.sh). Ctrl+C to stop.
 #   bash examples/003_completions.sh 'Yo dawg, we implemented OpenAI API'
 # Env: as 002_test_completion.sh (T, M, E, PORT, OPENAI_API_BASE, OPENAI_API_KEY); N: stop after N rounds.
+# On an error it stops with the server's message (from 002_test_completion.sh) and its exit status.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 prompt="${1:-Hello, my name is}"

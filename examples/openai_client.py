@@ -2,20 +2,37 @@
 
 python examples/openai_client.py                # against http://localhost:9000
 OPENAI_BASE_URL=http://host:8000/v1 OPENAI_API_KEY=sk-... python examples/openai_client.py
+
+On an error (a wrong key, say) it prints the server's message and exits 1.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import openai
 
 
-def main() -> None:
+def main() -> int:
     client = openai.OpenAI(
         base_url=os.environ.get("OPENAI_BASE_URL", f"http://localhost:{os.environ.get('PORT', '9000')}/v1"),
         api_key=os.environ.get("OPENAI_API_KEY", "unused"),  # any value unless the server sets API_KEYS
     )
+    try:
+        run(client)
+    except openai.APIStatusError as e:  # the server's answer: its message, without the traceback
+        body = e.body if isinstance(e.body, dict) else {}
+        code = f" ({body['code']})" if body.get("code") else ""
+        print(f"error: HTTP {e.status_code}{code}: {body.get('message') or e.message}", file=sys.stderr)
+        return 1
+    except openai.APIError as e:  # no answer (connection refused...) or an error event mid-stream
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(client: openai.OpenAI) -> None:
     model = client.models.list().data[0].id
     print("models:", [m.id for m in client.models.list().data])
 
@@ -34,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
