@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NUM_TOP_LOGPROBS = 5  # OpenAI's legacy completions allow logprobs up to 5
+NUM_TOP_LOGPROBS = 20  # alternatives computed per token: OpenAI's chat allows top_logprobs up to 20
 _BISECT_STEPS = 32
 _NEG_INF = -jnp.inf
 

@@ -128,6 +128,16 @@ class GPT2Tokenizer:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD (GPT-2's errors="replace")."""
         return self._join(ids).decode("utf-8", errors="replace")
 
+    def decode_complete(self, ids: Iterable[int]) -> tuple[str, bytes]:
+        """Text of `ids` up to an unfinished last character, and that character's bytes (b"" if none).
+
+        A token-id prompt may end inside a character that the completion finishes ([447] + [247] is
+        "\u2019"): the completion's text starts from these bytes.
+        """
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = utf8.decode(self._join(ids))
+        return text, utf8.getstate()[0]
+
     def token_str(self, token_id: int, *, errors: Literal["bytes", "replace"] = "bytes") -> str:
         """A token as text for OpenAI's logprobs `tokens` / `top_logprobs` keys.
 
@@ -143,12 +153,15 @@ class GPT2Tokenizer:
                 return raw.decode("utf-8", errors="replace")
             return "bytes:" + raw.decode("utf-8", errors="backslashreplace")
 
-    def text_offsets(self, ids: Iterable[int], start: int = 0) -> list[int]:
+    def text_offsets(self, ids: Iterable[int], start: int = 0, pending: bytes = b"") -> list[int]:
         """Character offset in `decode(ids)` where each token starts, plus `start` (OpenAI's text_offset).
 
-        A token that begins inside a multi-byte character gets that character's offset. O(len(ids)).
+        A token that begins inside a multi-byte character gets that character's offset. `pending`: bytes
+        of an unfinished character before `ids` (see `decode_complete`), which starts at `start`.
+        O(len(ids)).
         """
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8.setstate((pending, 0))
         offsets = []
         n = start  # characters emitted so far
         for i in ids:
@@ -162,9 +175,12 @@ class GPT2Tokenizer:
             n += len(head) + len(utf8.decode(raw[1:]))
         return offsets
 
-    def incremental_decoder(self) -> IncrementalDecoder:
-        """A decoder for streaming: feed it ids as they are sampled, get back finished text."""
-        return IncrementalDecoder(self)
+    def incremental_decoder(self, pending: bytes = b"") -> IncrementalDecoder:
+        """A decoder for streaming: feed it ids as they are sampled, get back finished text.
+
+        pending: bytes of an unfinished character that the first ids may complete (see decode_complete).
+        """
+        return IncrementalDecoder(self, pending)
 
 
 def _is_special(tokenizer: Tokenizer, content: str) -> bool:
@@ -178,9 +194,10 @@ class IncrementalDecoder:
     (bytes that never completed become U+FFFD). All pushes plus flush equal `decode` of all the ids.
     """
 
-    def __init__(self, tokenizer: GPT2Tokenizer) -> None:
+    def __init__(self, tokenizer: GPT2Tokenizer, pending: bytes = b"") -> None:
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8.setstate((pending, 0))
 
     def push(self, ids: Iterable[int] | int) -> str:
         """Adds one id or several; returns the text they completed (possibly "")."""

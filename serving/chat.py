@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from gpt2jax.tokenizer import GPT2Tokenizer
+from gpt2jax.tokenizer import EOS_TOKEN, GPT2Tokenizer
 from serving.chat_schemas import ChatRequest
 from serving.completions import new_id
 from serving.engine_api import Engine, GenerationRequest, TokenLogprob
@@ -40,12 +40,19 @@ def prepare(req: ChatRequest, model: ServedModel, engine: Engine, settings: Sett
         check_token_ids(engine, [token], "logit_bias")
     stop = tuple(dict.fromkeys((*req.sampling.stop, *turn_markers)))
     logprobs = req.top_logprobs if req.logprobs else None
-    return build_request(ids, req.sampling, max_tokens=max_tokens, stop=stop, logprobs=logprobs)
+    # After "Assistant:" the model writes " Hello": the space belongs to the template, so the reply (and
+    # what its stop strings are matched against) starts after it.
+    return build_request(
+        ids, req.sampling, max_tokens=max_tokens, stop=stop, logprobs=logprobs, strip_leading=" "
+    )
 
 
 def logprob_entry(tok: GPT2Tokenizer, t: TokenLogprob) -> dict[str, Any]:
     def one(token: int, text: str, logprob: float | None) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(tok.token_bytes(token))}
+        raw, shown = tok.token_bytes(token), tok.token_str(token)
+        if text != shown and shown.endswith(text):  # the reply's leading space was cut off this token
+            raw = raw[len(shown.encode()) - len(text.encode()) :]
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
     return one(t.token, t.text, t.logprob) | {"top_logprobs": [one(*alt) for alt in t.top]}
 
@@ -70,24 +77,27 @@ class ChatShaper:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
 
     def _usage(self, states: Sequence[ChoiceState]) -> dict[str, int]:
-        completion = sum(s.completion_tokens for s in states)
+        completion = sum(s.completion_tokens + s.discarded_tokens for s in states)
         total = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion}
         total["total_tokens"] = self.prompt_tokens + completion
         self.on_usage(total)
         return total
 
     def _logprobs(self, tokens: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        """OpenAI's chat logprobs: the tokens' texts join to exactly the content, so end-of-text (which
+        ends the reply but is not in it) is left out, as OpenAI leaves out its end-of-turn token."""
         if not self.req.logprobs:
             return None
-        return {"content": [logprob_entry(self.tok, t) for t in tokens], "refusal": None}
+        eos = self.tok.eos_token_id
+        content = [logprob_entry(self.tok, t) for t in tokens if not (t.token == eos and t.text == EOS_TOKEN)]
+        return {"content": content, "refusal": None}
 
     async def body(self, primed: Sequence[Primed]) -> dict[str, Any]:
         states = await collect(primed, self.req.sampling.n)
         choices = [
             {
                 "index": index,
-                # After "Assistant:" the model writes " Hello": the space belongs to the template.
-                "message": {"role": "assistant", "content": "".join(st.text).lstrip(" "), "refusal": None},
+                "message": {"role": "assistant", "content": "".join(st.text), "refusal": None},
                 "logprobs": self._logprobs(st.tokens),
                 "finish_reason": st.finish_reason,
             }
@@ -112,10 +122,11 @@ class ChatShaper:
             if not st.started:
                 st.started = True
                 yield chunk(event.index, {"role": "assistant", "content": ""})
-            text = event.text if "".join(st.text).strip(" ") else event.text.lstrip(" ")
+            text = event.text
             st.add(event)
-            if text or (event.tokens and self.req.logprobs):
-                yield chunk(event.index, {"content": text}, self._logprobs(event.tokens))
+            logprobs = self._logprobs(event.tokens)
+            if text or (logprobs and logprobs["content"]):
+                yield chunk(event.index, {"content": text}, logprobs)
             if event.finish_reason is not None:
                 yield chunk(event.index, {}, None, event.finish_reason)
         total = self._usage(list(states.values()))

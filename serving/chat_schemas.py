@@ -8,10 +8,13 @@ from typing import Any
 
 from serving.errors import invalid
 from serving.fields import Field, boolean, integer, parse_fields, string, type_name
-from serving.schemas import MAX_LOGPROBS, SAMPLING_FIELDS, Sampling, check_max_tokens, sampling_from
+from serving.schemas import SAMPLING_FIELDS, Sampling, check_max_tokens, sampling_from
 from serving.settings import Settings
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+# OpenAI's chat API allows 0..20 alternatives per token (completions' legacy `logprobs` stays at most 5);
+# the engine computes gpt2jax.sampling.NUM_TOP_LOGPROBS of them (tests check it is at least this).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,7 @@ CHAT_FIELDS = (
     integer("max_completion_tokens", None, "The same as max_tokens (OpenAI's newer name); wins if both.", 1),
     *SAMPLING_FIELDS,
     boolean("logprobs", False, "Return the logprobs of the chosen tokens."),
-    integer("top_logprobs", None, "With logprobs: this many alternatives per token (0..5).", 0),
+    integer("top_logprobs", None, "With logprobs: this many alternatives per token (0..20).", 0),
     Field("tools", _ANY, _unsupported, None, "Not supported (a non-empty value is a 400)."),
     Field("functions", _ANY, _unsupported, None, "Not supported (a non-empty value is a 400)."),
     Field("response_format", _ANY, _response_format, None, 'Only {"type": "text"}.'),
@@ -123,10 +126,8 @@ def parse_chat(body: Mapping[str, Any], settings: Settings) -> ChatRequest:
     if top is not None:
         if not v["logprobs"]:
             raise invalid("top_logprobs", "top_logprobs requires logprobs to be true")
-        if top > MAX_LOGPROBS:
-            raise invalid(
-                "top_logprobs", f"top_logprobs is {top}, but this server returns at most {MAX_LOGPROBS}"
-            )
+        if top > MAX_TOP_LOGPROBS:
+            raise invalid("top_logprobs", f"top_logprobs is {top}, but it must be at most {MAX_TOP_LOGPROBS}")
     return ChatRequest(
         model=v["model"],
         messages=v["messages"],

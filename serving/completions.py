@@ -31,7 +31,8 @@ def new_id(prefix: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class PromptJob:
     ids: tuple[int, ...]
-    text: str  # the prompt as the model sees it (what echo returns)
+    text: str  # the prompt as the model sees it (what echo returns), up to an unfinished last character
+    pending: bytes = b""  # that character's bytes: the completion's text starts by finishing it
 
 
 def tokenize_prompts(req: CompletionRequest, engine: Engine, *, truncate: bool) -> list[PromptJob]:
@@ -56,7 +57,7 @@ def tokenize_prompts(req: CompletionRequest, engine: Engine, *, truncate: bool) 
             if not truncate or keep < 1:
                 raise context_error(n_ctx, len(ids), req.max_tokens)
             ids = ids[-keep:]
-        jobs.append(PromptJob(tuple(ids), tok.decode(ids)))
+        jobs.append(PromptJob(tuple(ids), *tok.decode_complete(ids)))
     return jobs
 
 
@@ -81,11 +82,16 @@ async def start(engine: Engine, req: CompletionRequest, jobs: Sequence[PromptJob
 
 
 def legacy_logprobs(
-    tok: GPT2Tokenizer, entries: Sequence[TokenLogprob], start: int, before: Sequence[int] = ()
+    tok: GPT2Tokenizer,
+    entries: Sequence[TokenLogprob],
+    start: int,
+    before: Sequence[int] = (),
+    pending: bytes = b"",
 ) -> dict[str, Any]:
-    """OpenAI's legacy logprobs object; `before` are ids already sent (for the offsets of a stream)."""
+    """OpenAI's legacy logprobs object; `before` are ids already sent (for the offsets of a stream),
+    `pending` the prompt's unfinished character when the entries continue it."""
     ids = [*before, *(t.token for t in entries)]
-    offsets = tok.text_offsets(ids, start)[len(before) :]
+    offsets = tok.text_offsets(ids, start, pending)[len(before) :]
     return {
         "tokens": [t.text for t in entries],
         "token_logprobs": [t.logprob for t in entries],
@@ -96,15 +102,17 @@ def legacy_logprobs(
 
 
 def _top_dict(t: TokenLogprob) -> dict[str, float]:
+    """The alternatives, best first, and the chosen token itself (OpenAI's and vLLM's `logprobs + 1`)."""
     top: dict[str, float] = {}
-    for _, text, logprob in t.top:  # best first; two ids may show as the same text: keep the better
+    for _, text, logprob in t.top:  # two ids may show as the same text: keep the better
         top.setdefault(text, logprob)
+    top.setdefault(t.text, t.logprob)
     return top
 
 
 def usage(jobs: Sequence[PromptJob], states: Any) -> dict[str, int]:
     prompt = sum(len(j.ids) for j in jobs)
-    completion = sum(s.completion_tokens for s in states)
+    completion = sum(s.completion_tokens + s.discarded_tokens for s in states)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -139,8 +147,10 @@ class CompletionShaper:
             text = "".join(st.text)
             logprobs = None
             if self.req.logprobs is not None:
-                entries = [*st.prompt, *st.tokens] if self.req.echo else st.tokens
-                logprobs = legacy_logprobs(self.tok, entries, 0 if self.req.echo else len(job.text))
+                if self.req.echo:
+                    logprobs = legacy_logprobs(self.tok, [*st.prompt, *st.tokens], 0)
+                else:
+                    logprobs = legacy_logprobs(self.tok, st.tokens, len(job.text), (), job.pending)
             choices.append(
                 {
                     "text": job.text + text if self.req.echo else text,
@@ -172,8 +182,10 @@ class CompletionShaper:
             logprobs = None
             if self.req.logprobs is not None:
                 before = sent_ids.setdefault(index, [])
-                start = 0 if self.req.echo else len(job.text)
-                logprobs = legacy_logprobs(self.tok, entries, start, before)
+                if self.req.echo:
+                    logprobs = legacy_logprobs(self.tok, entries, 0, before)
+                else:
+                    logprobs = legacy_logprobs(self.tok, entries, len(job.text), before, job.pending)
                 before.extend(t.token for t in entries)
             choice = {
                 "text": text,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from gpt2jax.config import GPT2Config
 from gpt2jax.lm import LanguageModel
 from gpt2jax.sampler import MIN_BUCKET, bucket
+from gpt2jax.sampling import NUM_TOP_LOGPROBS
 from gpt2jax.sharding import Layout
 from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.engine_api import EngineError, Event, GenerationRequest
@@ -222,8 +223,8 @@ class BatchEngine:
         choices = r.best_of or r.n
         if r.max_tokens > 0 and choices > self.slots:
             raise EngineError(f"n/best_of ({choices}) exceeds the {self.slots} decode slots of {self.name}")
-        if r.logprobs is not None and not 0 <= r.logprobs <= 5:
-            raise EngineError("logprobs must be between 0 and 5")
+        if r.logprobs is not None and not 0 <= r.logprobs <= NUM_TOP_LOGPROBS:
+            raise EngineError(f"logprobs must be between 0 and {NUM_TOP_LOGPROBS}")
         if any(not 0 <= t < self.config.n_vocab for t, _ in r.logit_bias):
             raise EngineError(f"logit_bias token ids must be in [0, {self.config.n_vocab})")
 

@@ -36,9 +36,10 @@ class GenerationRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None  # None: random
     stop: tuple[str, ...] = ()  # up to 4 strings; the returned text excludes them
-    logprobs: int | None = None  # None: no logprobs; 0..5 alternatives per token
+    logprobs: int | None = None  # None: no logprobs; 0..NUM_TOP_LOGPROBS (20) alternatives per token
     echo_logprobs: bool = False  # also score the prompt tokens (for echo + logprobs)
     stop_at_eos: bool = True
+    strip_leading: str = ""  # characters dropped from the start of the text before stops (chat: " ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Event:
     finish_reason: str | None = None  # "stop" or "length" in the choice's last event
     prompt_tokens: int = 0  # set in the last event of a choice
     completion_tokens: int = 0  # set in the last event of a choice (tokens generated for this choice)
+    # best_of: tokens generated for the candidates that were not returned (in the last event of choice 0)
+    discarded_tokens: int = 0
 
 
 class Engine(Protocol):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.engine_api import Event, TokenLogprob
+from serving.engine_api import Event, GenerationRequest, TokenLogprob
 
 
 def holdback(text: str, stops: Sequence[str]) -> int:
@@ -50,7 +50,11 @@ class ChoiceStream:
         top_logprobs: int = 0,
         prompt_tokens: int = 0,
         prompt: tuple[TokenLogprob, ...] = (),
+        pending: bytes = b"",
+        strip_leading: str = "",
     ) -> None:
+        """pending: bytes of a character the prompt left unfinished (the completion's text continues
+        them); strip_leading: characters dropped from the start of the text, tokens' texts included."""
         self.index = index
         self.max_tokens = max_tokens
         self.stops = tuple(s for s in stop if s)
@@ -61,7 +65,8 @@ class ChoiceStream:
         self.generated = 0  # tokens sampled, end-of-text included
         self.logprob_sum = 0.0
         self._tokenizer = tokenizer
-        self._decoder = tokenizer.incremental_decoder()
+        self._decoder = tokenizer.incremental_decoder(pending)
+        self._strip = strip_leading  # "" once the text has begun
         self.prompt = prompt  # echo logprobs: go out with the first event
         self._held = ""  # decoded text not yet released
         self._released = 0  # characters released so far
@@ -81,21 +86,35 @@ class ChoiceStream:
         return self.logprob_sum / max(self.generated, 1)
 
     def push(self, token: int, logprob: float, top_tokens: np.ndarray, top_logprobs: np.ndarray) -> None:
-        """Adds one sampled token (ignored once finished)."""
+        """Adds one sampled token (ignored once finished).
+
+        Every token counted in `generated` gets its TokenLogprob, end-of-text included (text
+        "<|endoftext|>", adding nothing to the choice's text), unless a stop string cut it off.
+        """
         if self.finished:
             return
         self.generated += 1
         self.logprob_sum += float(logprob)
-        if token == self.eos:
-            self._finish("stop")
-            return
-        start = self._released + len(self._held)
-        self._held += self._decoder.push(token)
         top = tuple(
             (int(t), self._tokenizer.token_str(int(t)), float(lp))
             for t, lp in zip(top_tokens[: self.top_logprobs], top_logprobs[: self.top_logprobs], strict=True)
         )
-        entry = TokenLogprob(int(token), self._tokenizer.token_str(int(token)), float(logprob), top)
+        shown = self._tokenizer.token_str(int(token))
+        if token == self.eos:
+            self._finish("stop", TokenLogprob(int(token), shown, float(logprob), top))
+            return
+        start = self._released + len(self._held)
+        piece = self._decoder.push(token)
+        if self._strip:
+            kept = piece.lstrip(self._strip)
+            cut = len(piece) - len(kept)
+            if shown.startswith(piece[:cut]):  # the token's own text loses the same characters
+                shown = shown[cut:]
+            piece = kept
+            if piece:
+                self._strip = ""
+        self._held += piece
+        entry = TokenLogprob(int(token), shown, float(logprob), top)
         self._tokens.append((start, self._released + len(self._held), entry))
         if self._cut_at_stop():
             return
@@ -103,6 +122,12 @@ class ChoiceStream:
             self._finish("length")
             return
         self._release(len(self._held) - holdback(self._held, self.stops))
+
+    def end(self, reason: str) -> None:
+        """Ends the choice now (e.g. max_tokens 0): held text is released, an unfinished character as
+        U+FFFD."""
+        if not self.finished:
+            self._finish(reason)
 
     def cancel(self) -> None:
         """Ends the choice without further events."""
@@ -143,10 +168,13 @@ class ChoiceStream:
         self.finish_reason = "stop"
         return True
 
-    def _finish(self, reason: str) -> None:
-        self._held += self._decoder.flush()
+    def _finish(self, reason: str, eos: TokenLogprob | None = None) -> None:
+        self._held += self._decoder.flush().lstrip(self._strip)
         if self._cut_at_stop():
             return
+        if eos is not None:  # at the end of the text
+            end = self._released + len(self._held)
+            self._tokens.append((end, end, eos))
         self._release(len(self._held), all_tokens=True)
         self.finish_reason = reason
 
@@ -160,3 +188,19 @@ class ChoiceStream:
             keep = next((i for i, (_, end, _) in enumerate(self._tokens) if end > self._released), keep)
         self._out_tokens.extend(t for _, _, t in self._tokens[:keep])
         del self._tokens[:keep]
+
+
+def choice_for(tokenizer: GPT2Tokenizer, request: GenerationRequest, index: int, eos: int) -> ChoiceStream:
+    """The ChoiceStream of choice `index` of `request`; `eos` is the model's end-of-text id."""
+    _, pending = tokenizer.decode_complete(request.prompt[-8:])  # a character has at most 4 bytes
+    return ChoiceStream(
+        tokenizer,
+        index,
+        max_tokens=request.max_tokens,
+        stop=request.stop,
+        eos=eos if request.stop_at_eos else None,
+        top_logprobs=request.logprobs or 0,
+        prompt_tokens=len(request.prompt),
+        pending=pending,
+        strip_leading=request.strip_leading,
+    )

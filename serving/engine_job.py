@@ -13,7 +13,7 @@ import numpy as np
 
 from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.engine_api import Event, GenerationRequest, TokenLogprob
-from serving.engine_choice import ChoiceStream
+from serving.engine_choice import choice_for
 
 END = object()  # the last item of a job's queue
 
@@ -32,18 +32,7 @@ class Job:
         self.cancelled = False  # set by the consumer's side; the worker frees the slots
         self.done = False  # the last item was handed to the queue
         n = request.best_of or request.n
-        self.choices = [
-            ChoiceStream(
-                tokenizer,
-                i,
-                max_tokens=request.max_tokens,
-                stop=request.stop,
-                eos=eos if request.stop_at_eos else None,
-                top_logprobs=request.logprobs or 0,
-                prompt_tokens=len(request.prompt),
-            )
-            for i in range(n)
-        ]
+        self.choices = [choice_for(tokenizer, request, i, eos) for i in range(n)]
         self._tokenizer = tokenizer
 
     @property
@@ -96,8 +85,12 @@ class Job:
             self.done = True
 
     def _best_events(self) -> list[Event]:
-        """The n choices with the highest mean token logprob, each as one event, renumbered 0..n-1."""
-        best = sorted(self.choices, key=lambda c: c.mean_logprob, reverse=True)[: self.request.n]
+        """The n choices with the highest mean token logprob, each as one event, renumbered 0..n-1.
+
+        The tokens of the candidates left out are generated work too: choice 0 carries their count.
+        """
+        ranked = sorted(self.choices, key=lambda c: c.mean_logprob, reverse=True)
+        best, rest = ranked[: self.request.n], ranked[self.request.n :]
         out = []
         for index, c in enumerate(best):
             parts = []
@@ -113,6 +106,7 @@ class Job:
                     finish_reason=last.finish_reason,
                     prompt_tokens=last.prompt_tokens,
                     completion_tokens=last.completion_tokens,
+                    discarded_tokens=sum(c.generated for c in rest) if index == 0 else 0,
                 )
             )
         return out

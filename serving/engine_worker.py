@@ -231,7 +231,7 @@ class SlotWorker:
             return
         if r.max_tokens == 0:  # scoring only: no slot
             for c in job.choices:
-                c.finish_reason = "length"
+                c.end("length")
             self._flush(job)
             return
         seed = r.seed if r.seed is not None else secrets.randbits(63)
@@ -286,29 +286,26 @@ class SlotWorker:
         W, K = len(item.seats), NUM_TOP_LOGPROBS
         tokens, logprobs = out.token.reshape(-1, W), out.logprob.reshape(-1, W)
         top_tokens, top_logprobs = out.top_tokens.reshape(-1, W, K), out.top_logprobs.reshape(-1, W, K)
-        touched: dict[int, Job] = {}
-        for w, seat in enumerate(item.seats):
-            if seat is None or seat.choice.finished or seat.job.done:
-                continue
-            job, choice = seat.job, seat.choice
-            try:
-                for t in range(tokens.shape[0]):
+        # Token by token, each choice's events are handed out as they form: a stream gets one event per
+        # token (as OpenAI's and vLLM's do), not one per chunk.
+        for t in range(tokens.shape[0]):
+            for w, seat in enumerate(item.seats):
+                if seat is None or seat.choice.finished or seat.job.done:
+                    continue
+                job, choice = seat.job, seat.choice
+                try:
                     if tokens[t, w] < 0:  # the device ended the row: cannot happen before the host did
-                        choice.finish_reason = choice.finish_reason or "length"
-                        break
-                    choice.push(int(tokens[t, w]), logprobs[t, w], top_tokens[t, w], top_logprobs[t, w])
-                    metrics.tokens_generated += 1
-                    if choice.finished:
-                        break
-            except Exception as exc:  # a host-side bug for this job only
-                log.exception("processing tokens failed")
-                self._fail(job, exc)
-                continue
-            if choice.finished:
-                self._release(seat.slot)
-            touched[id(job)] = job
-        for job in touched.values():
-            self._flush(job)
+                        choice.end("length")
+                    else:
+                        choice.push(int(tokens[t, w]), logprobs[t, w], top_tokens[t, w], top_logprobs[t, w])
+                        metrics.tokens_generated += 1
+                except Exception as exc:  # a host-side bug for this job only
+                    log.exception("processing tokens failed")
+                    self._fail(job, exc)
+                    continue
+                if choice.finished:
+                    self._release(seat.slot)
+                self._flush(job)
 
     def _flush(self, job: Job) -> None:
         metrics = self.engine.metrics

@@ -26,6 +26,7 @@ def build_request(
     best_of: int | None = None,
     logprobs: int | None = None,
     echo_logprobs: bool = False,
+    strip_leading: str = "",
 ) -> GenerationRequest:
     return GenerationRequest(
         prompt=tuple(prompt),
@@ -42,6 +43,7 @@ def build_request(
         stop=tuple(stop),
         logprobs=logprobs,
         echo_logprobs=echo_logprobs,
+        strip_leading=strip_leading,
     )
 
 
@@ -132,6 +134,7 @@ class ChoiceState:
     prompt: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
     completion_tokens: int = 0
+    discarded_tokens: int = 0  # best_of candidates not returned (see Event)
     started: bool = False  # whether a chunk of this choice was streamed yet
 
     def add(self, event: Event) -> None:
@@ -142,6 +145,7 @@ class ChoiceState:
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.completion_tokens = event.completion_tokens
+            self.discarded_tokens = event.discarded_tokens
 
 
 async def collect(primed: Sequence[Primed], choices_per_stream: int) -> dict[int, ChoiceState]:

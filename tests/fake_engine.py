@@ -25,50 +25,26 @@ from gpt2jax import sampling
 from gpt2jax.lm import LanguageModel, derive_seed
 from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.engine_api import EngineError, EngineOverloaded, Event, GenerationRequest, TokenLogprob
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that could be the start of a stop string."""
-    return max(
-        (k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0
-    )
-
-
-def first_stop(text: str, stops: Sequence[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+from serving.engine_choice import choice_for, find_stop
 
 
 def events_for(
     tok: GPT2Tokenizer, index: int, tokens: Sequence[TokenLogprob], request: GenerationRequest, eos: int
 ) -> list[Event]:
-    """Events of one choice from its sampled tokens: text cut at stops, a possible stop's start held back."""
-    decoder = tok.incremental_decoder()
-    text, sent, batch, events = "", 0, [], []
-    finish, count = "length", 0
+    """Events of one choice from its sampled tokens, made by the engine's own ChoiceStream."""
+    choice, events = choice_for(tok, request, index, eos), []
     for t in tokens:
-        count += 1
-        if t.token == eos and request.stop_at_eos:
-            finish = "stop"
+        top_ids = np.array([i for i, _, _ in t.top], np.int32)
+        top_lps = np.array([lp for _, _, lp in t.top], np.float32)
+        choice.push(t.token, t.logprob, top_ids, top_lps)
+        if (event := choice.take_event()) is not None:
+            events.append(event)
+        if choice.finished:
             break
-        text += decoder.push(t.token)
-        batch.append(t)
-        cut = first_stop(text, request.stop)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-            break
-        safe = len(text) - held_back(text, request.stop)
-        if safe > sent:
-            events.append(Event(index, text[sent:safe], tuple(batch)))
-            sent, batch = safe, []
-    else:
-        text += decoder.flush()
-    last = Event(index, text[sent:], tuple(batch), finish_reason=finish)
-    events.append(last)
-    return [
-        *events[:-1],
-        Event(**{**last.__dict__, "prompt_tokens": len(request.prompt), "completion_tokens": count}),
-    ]
+    choice.end("length")
+    if (event := choice.take_event()) is not None:
+        events.append(event)
+    return events
 
 
 class FakeEngine:
@@ -136,7 +112,9 @@ class FakeEngine:
         limits = [r.max_tokens] * rows + [self.n_ctx - len(r.prompt)] * (batch - rows)
 
         def should_stop(row: int, ids: list[int]) -> bool:
-            return row >= rows or (bool(r.stop) and first_stop(tok.decode(ids), r.stop) is not None)
+            return row >= rows or (
+                bool(r.stop) and find_stop(tok.decode(ids).lstrip(r.strip_leading), r.stop) >= 0
+            )
 
         result = self.model.sampler.generate(
             self.model.params,

@@ -130,10 +130,10 @@ BAD_REQUESTS = [
     ),
     ("chat top_logprobs without logprobs", "POST", CHAT, MSG | {"top_logprobs": 2}, 400, "top_logprobs"),
     (
-        "chat top_logprobs over 5",
+        "chat top_logprobs over 20",
         "POST",
         CHAT,
-        MSG | {"logprobs": True, "top_logprobs": 6},
+        MSG | {"logprobs": True, "top_logprobs": 21},
         400,
         "top_logprobs",
     ),

@@ -95,7 +95,10 @@ def test_completions_n_logprobs_echo_stop(client, server):
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert np.allclose(lp.token_logprobs[1:n_prompt], expected[1:], atol=1e-4)
-        assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+        # logprobs=2: the two best, and the chosen token when it is not among them (OpenAI's logprobs + 1)
+        assert all(
+            len(t) <= 3 and tok in t for tok, t in zip(lp.tokens[1:], lp.top_logprobs[1:], strict=True)
+        )
         assert "".join(lp.tokens).startswith(prompt)
     assert r.usage.prompt_tokens == n_prompt
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
