@@ -283,6 +283,17 @@ class ServerThread:
         except (ConnectionError, urllib.error.URLError):
             return 0, {}
 
+    def post(self, path: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
+        """POST a JSON body -> (status, JSON body)."""
+        request = urllib.request.Request(
+            self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
     def wait_for(self, predicate, timeout: float = 120, what: str = "") -> None:
         """Polls (no fixed sleeps) until predicate() is true."""
         deadline = time.monotonic() + timeout

@@ -45,14 +45,7 @@ def server(rand_small):
 
 
 def post(server, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=600) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return server.post(path, body)
 
 
 def stream(server, path: str, body: dict) -> list[dict]:

@@ -6,7 +6,6 @@ in the production `serve()` under Hypercorn; the engines are FakeEngine (no comp
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -19,17 +18,7 @@ from serving.settings import Settings
 
 
 def post(srv: ServerThread, path: str, body: dict) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(
-        srv.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return srv.post(path, body)
 
 
 @pytest.fixture()
