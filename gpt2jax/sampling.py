@@ -123,6 +123,22 @@ def top_p_mask(x: jax.Array, p: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.any(p < 1.0), masked, lambda x: x, x)
 
 
+def min_p_mask(x: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Keeps the tokens whose probability is at least min_p x the most likely token's; 0 = off.
+
+    x [B, V] are temperature-scaled logits (min_p then sees the distribution that is sampled from, as in
+    vLLM's sampler); min_p [B] f32 in [0, 1]. p_i >= min_p * p_max is x_i >= x_max + log(min_p), so no
+    softmax is needed. min_p = 1 keeps only the most likely token(s): greedy.
+    """
+
+    def masked(x):
+        top = jnp.max(x, axis=-1, keepdims=True)
+        floor = top + jnp.log(jnp.maximum(min_p, jnp.finfo(jnp.float32).tiny))[:, None]
+        return jnp.where((min_p[:, None] > 0) & (x < floor), _NEG_INF, x)
+
+    return jax.lax.cond(jnp.any(min_p > 0), masked, lambda x: x, x)
+
+
 def sample_from(x: jax.Array, u: jax.Array) -> jax.Array:
     """Inverse-CDF sampling of one token per row from unnormalised logits x [B, V], with u [B] in [0, 1)."""
     probs = jax.nn.softmax(x, axis=-1)

@@ -46,6 +46,18 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
         assert set(np.flatnonzero(kept)) == set(order[:n_keep])
 
 
+def test_min_p_keeps_tokens_at_least_min_p_times_the_top_probability():
+    x = logits(5, seed=3)
+    min_p = np.array([0.0, 0.05, 0.3, 0.9, 1.0], np.float32)
+    out = np.asarray(jax.jit(sampling.min_p_mask)(x, min_p))
+    for row in range(5):
+        probs = np.exp(x[row].astype(np.float64) - x[row].max())
+        probs /= probs.sum()
+        expected = probs >= min_p[row] * probs.max()  # vLLM's and llama.cpp's definition
+        np.testing.assert_array_equal(np.isfinite(out[row]), expected)
+    assert np.flatnonzero(np.isfinite(out[4])).tolist() == [int(np.argmax(x[4]))]  # min_p 1: greedy
+
+
 def test_penalties_follow_openais_formula():
     x = logits(2, seed=2)
     counts = np.zeros((2, V), np.int32)
