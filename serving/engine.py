@@ -98,6 +98,9 @@ class BatchEngine:
     were placed on (from_model passes the model's): slots split over its data axis, the model over its
     model axis; then `devices` is not used. min_window: the shortest KV-cache window that decode is
     compiled for (windows double up to n_ctx; each chunk uses the smallest that holds its live rows).
+    batch_invariant: every decode runs all slots over the whole context and every prefill one prompt, so
+    that a request's tokens and logprobs do not depend on what runs beside it (at a cost: README, "Seeds
+    and batch invariance"; serving/engine_shapes.py).
     `programs` (the compiled device side) and `worker` (the thread and slot table) are exposed for tests.
     """
 
@@ -116,6 +119,7 @@ class BatchEngine:
         devices: Sequence[jax.Device] | None = None,
         min_window: int = 128,
         layout: Layout | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         if layout is not None:  # slots split over the data axis: size them by its devices
             devices = list(layout.mesh.devices[:, 0])
@@ -131,7 +135,7 @@ class BatchEngine:
         self.buckets = tuple(_powers_of_two(config.n_ctx))  # prefill lengths
         self.metrics = EngineMetrics(lambda: self.queue_length, lambda: self.busy_slots, self.slots)
         self.programs = SlotPrograms(
-            config, params, dtype, self.slots, self.chunk_size, devices, min_window, layout
+            config, params, dtype, self.slots, self.chunk_size, devices, min_window, layout, batch_invariant
         )
         self.worker = SlotWorker(self, self.programs)
 

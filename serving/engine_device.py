@@ -37,13 +37,9 @@ from gpt2jax.config import GPT2Config
 from gpt2jax.model import KVCache, forward, forward_last, init_cache
 from gpt2jax.sampler import PromptScores, prompt_scores, steps_until_done
 from gpt2jax.sharding import Layout, make_mesh
+from serving.engine_shapes import decode_row_counts, decode_windows, prefill_row_counts
 
 AXIS = "data"
-# A batched prefill covers at most this many prompt positions (rows x bucket). On the CPU a prefill of one
-# short prompt is a skinny matmul that runs far below the machine's peak: 16 prompts of 32 tokens took
-# ~20 ms each together against ~115 ms each alone (124M shapes, 2-core Xeon). Longer prompts fill the
-# matmuls by themselves, and a bigger batch would hold up the running streams for longer.
-PREFILL_TOKENS = 512
 
 
 class SlotState(NamedTuple):
@@ -159,22 +155,6 @@ def _leading(state: SlotState, rows: int, window: int) -> SlotState:
     return state._replace(cache=_window(state.cache, window))
 
 
-def _counts_up_to(most: int) -> tuple[int, ...]:
-    """1, 4, 16, ... below `most`, then `most`: the row counts that programs are compiled for."""
-    out, rows = [], 1
-    while rows < most:
-        out.append(rows)
-        rows *= 4
-    return (*out, most)
-
-
-def _windows(smallest: int, n_ctx: int) -> tuple[int, ...]:
-    out = [n_ctx]
-    while out[-1] // 2 >= smallest:
-        out.append(out[-1] // 2)
-    return tuple(sorted(out))
-
-
 def _put_row(dst: jax.Array, src: jax.Array, at: jax.Array, mine: jax.Array) -> jax.Array:
     """Writes src [1, ...] at row `at` of dst [S, ...] (from index 0 of the other axes) if `mine`."""
     start = (at,) + (0,) * (dst.ndim - 1)
@@ -195,24 +175,28 @@ class SlotPrograms:
         devices: Sequence[jax.Device] | None = None,
         min_window: int = 128,
         layout: Layout | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         """params: placed by `layout` when one is given (as gpt2jax.load(..., mesh=...) does); otherwise
-        checkpoint-layout params, replicated over `devices` (default: all) on the data axis."""
+        checkpoint-layout params, replicated over `devices` (default: all) on the data axis.
+        batch_invariant: one decode shape, and prefill one prompt at a time (serving/engine_shapes.py)."""
         if layout is None:
             layout = Layout(make_mesh(devices=devices))
             params = layout.shard_params(params, config)
         layout.check(config, slots)
         self.config, self.dtype, self.slots, self.chunk_size = config, dtype, slots, chunk_size
+        self.batch_invariant = batch_invariant
         # Decode attends over a window of the cache (the first `window` positions), compiled for each
         # power of two from min_window up to n_ctx: while every live row is short, a step reads a
         # fraction of the [slots, n_ctx] cache instead of all of it.
-        self.windows = _windows(min(min_window, config.n_ctx), config.n_ctx)
+        self.windows = decode_windows(min(min_window, config.n_ctx), config.n_ctx, batch_invariant)
         self.layout, self.mesh, self.params = layout, layout.mesh, params
         self.replicated = rep = layout.replicated
         self.by_slot = rows = layout.rows
         self.data_shards = layout.data
         self.local_slots = slots // layout.data
-        self.row_counts = _counts_up_to(self.local_slots)  # leading slots per data shard that decode runs
+        # Leading slots per data shard that decode runs.
+        self.row_counts = decode_row_counts(self.local_slots, batch_invariant)
         self.multiprocess = len({d.process_index for d in self.mesh.devices.flat}) > 1
         # The first process reads every slot's outputs: across processes they must be gathered to it.
         steps = rep if self.multiprocess else NamedSharding(self.mesh, P(None, AXIS))
@@ -398,12 +382,12 @@ class SlotPrograms:
 
     def prefill_rows(self, bucket: int, score: bool = False) -> int:
         """The most prompts of this bucket that one prefill takes (see PREFILL_TOKENS); 1 when scoring."""
-        return 1 if score else max(1, min(self.slots, PREFILL_TOKENS // bucket))
+        return self._prefill_row_counts(bucket, score)[-1]
 
     def _prefill_row_counts(self, bucket: int, score: bool) -> tuple[int, ...]:
         # Compiled for 1, 4, 16, ... prompts and a full batch; a partial batch is padded to the next count.
         # (Padded to a full batch, a wave of 2-4 late requests cost a 16-row prefill: 414 vs 138 ms, 124M.)
-        return _counts_up_to(self.prefill_rows(bucket, score))
+        return prefill_row_counts(bucket, self.slots, score, self.batch_invariant)
 
     def _prefill_program(self, score: bool, rows: int) -> Any:
         key = score, rows

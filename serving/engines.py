@@ -23,4 +23,5 @@ def build_engine(model: LanguageModel, settings: Settings) -> Engine:
         chunk_size=settings.chunk_size,
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
+        batch_invariant=settings.batch_invariant,
     )

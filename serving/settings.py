@@ -36,6 +36,8 @@ class Settings:
     mesh: str = ""  # MESH: "data:4,model:2" device mesh (gpt2jax.sharding); empty: slots over all devices
     max_queue: int = 64  # MAX_QUEUE: requests that may wait for a slot; more get 429
     queue_timeout: float = 30.0  # QUEUE_TIMEOUT: seconds a request may wait for a slot before a 429
+    # BATCH_INVARIANT: a request's tokens do not depend on what runs beside it (slower; README, "Seeds and batch invariance")
+    batch_invariant: bool = False
     log_level: str = "INFO"  # LOG_LEVEL
 
     @classmethod
@@ -68,6 +70,7 @@ class Settings:
             mesh=_mesh(get("MESH")),
             max_queue=_int(env, "MAX_QUEUE", d.max_queue, 0, 1 << 20),
             queue_timeout=_float(env, "QUEUE_TIMEOUT", d.queue_timeout),
+            batch_invariant=_bool(env, "BATCH_INVARIANT", d.batch_invariant),
             log_level=(get("LOG_LEVEL") or d.log_level).upper(),
         )
 
@@ -104,6 +107,17 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if value < 0:
         raise SettingsError(f"{name}={value}: expected a number >= 0")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r}: expected 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _mesh(value: str) -> str:
