@@ -35,7 +35,7 @@ def seeded_bodies() -> list[dict]:
     bodies = []
     for i in range(24):
         prompt = f"Story {i}: " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(i % 5 * 6 + 1))
-        body = dict(prompt=prompt, max_tokens=4 + (i * 7) % 21, temperature=1.0, seed=100 + i)
+        body = dict(prompt=prompt, max_tokens=4 + (i * 5) % 21, temperature=1.0, seed=100 + i)
         body["logit_bias"] = {"50256": -100}  # no early end-of-text: lengths stay as asked
         if i % 4 == 1:
             body["n"] = 2
