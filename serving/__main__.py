@@ -111,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warning:
         log.warning(warning)
     if cluster.enabled:  # process 0 serves HTTP and drives the others (serving/multihost.py)
-        return multihost.run(settings, registry, lambda build: asyncio.run(serve(settings, registry, build)))
+        serve_http = lambda build: asyncio.run(serve(settings, registry, build))
+        return multihost.run(settings, registry, serve_http, cluster.startup_timeout)
     log.info("serving %s on http://%s:%d", ", ".join(registry.models), settings.host, settings.port)
     return asyncio.run(serve(settings, registry))
 

@@ -14,6 +14,12 @@ a slot's settings, the live-slot mask) padded to a power of two so that few broa
 While process 0 has nothing to run, it broadcasts a no-op every HEARTBEAT_SECONDS, so that the others
 never wait in a collective for long; on shutdown it broadcasts a stop, and the others exit.
 
+Start-up: the first collective between processes sets up their Gloo connection, and Gloo gives the
+others a fixed 30 s to arrive (not configurable from JAX): a process still loading or compiling its models
+then makes it fail. So every process first loads and compiles its models (warm-up runs nothing), then
+they meet at a barrier of JAX's coordination service (waiting up to STARTUP_TIMEOUT), and only then does
+the first broadcast run.
+
 Settings (environment; all processes get the same ones except PROCESS_ID):
     COORDINATOR_ADDRESS   host:port of process 0's coordinator (jax.distributed), e.g. 10.0.0.1:8476
     NUM_PROCESSES         how many processes
@@ -21,6 +27,8 @@ Settings (environment; all processes get the same ones except PROCESS_ID):
     DISTRIBUTED=auto      instead of the three above: let JAX find them (TPU pod slices, SLURM, ...)
     HEARTBEAT_TIMEOUT     seconds without a heartbeat from a process before JAX's coordination service
                           aborts the others (default 100, JAX's), so a supervisor can restart the group
+    STARTUP_TIMEOUT       seconds the processes wait for each other at start: to join (jax.distributed)
+                          and for the slowest to load and compile its models (default 1800)
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from serving.settings import SettingsError
 log = logging.getLogger("serving.multihost")
 
 HEARTBEAT_SECONDS = 5.0
+STARTUP_BARRIER = "gpt2jax-serving-warm"  # every process reaches it once its models are compiled
 _HEADER = 8  # int32s: op, engine, a, b, nbytes, then unused
 NOOP, STOP, INIT, PREFILL, INSERT, DECODE = range(6)
 _MIN_PAYLOAD = 256
@@ -53,6 +62,9 @@ class Cluster:
     process_id: int = 0
     auto: bool = False  # DISTRIBUTED=auto: JAX detects the cluster
     heartbeat_timeout: int = 100  # seconds; JAX's default
+    # Seconds to wait for the others at start (jax.distributed's connection, the warm-up barrier): loading
+    # and compiling a model on a busy machine can take many minutes, and nothing is lost by waiting.
+    startup_timeout: int = 1800
 
     @property
     def enabled(self) -> bool:
@@ -64,11 +76,12 @@ class Cluster:
         mode, address = get("DISTRIBUTED").lower(), get("COORDINATOR_ADDRESS")
         if mode not in ("", "auto", "0", "off"):
             raise SettingsError(f"DISTRIBUTED={mode!r}: expected auto (or leave it unset)")
-        timeout = _int(get, "HEARTBEAT_TIMEOUT") if get("HEARTBEAT_TIMEOUT") else cls.heartbeat_timeout
-        if timeout < 1:
-            raise SettingsError(f"HEARTBEAT_TIMEOUT={timeout}: expected at least 1 (seconds)")
+        timeouts = dict(
+            heartbeat_timeout=_seconds(get, "HEARTBEAT_TIMEOUT", cls.heartbeat_timeout),
+            startup_timeout=_seconds(get, "STARTUP_TIMEOUT", cls.startup_timeout),
+        )
         if mode == "auto" and not address:
-            return cls(auto=True, heartbeat_timeout=timeout)
+            return cls(auto=True, **timeouts)
         if not address:
             if get("NUM_PROCESSES") not in ("", "1") or get("PROCESS_ID") not in ("", "0"):
                 raise SettingsError(
@@ -81,7 +94,7 @@ class Cluster:
         n, pid = _int(get, "NUM_PROCESSES"), _int(get, "PROCESS_ID")
         if n < 1 or not 0 <= pid < n:
             raise SettingsError(f"PROCESS_ID={pid}: expected 0..NUM_PROCESSES-1 ({n - 1})")
-        return cls(address, n, pid, heartbeat_timeout=timeout)
+        return cls(address, n, pid, **timeouts)
 
 
 def _int(get: Callable[[str], str], name: str) -> int:
@@ -91,6 +104,13 @@ def _int(get: Callable[[str], str], name: str) -> int:
     return int(raw)
 
 
+def _seconds(get: Callable[[str], str], name: str, default: int) -> int:
+    value = _int(get, name) if get(name) else default
+    if value < 1:
+        raise SettingsError(f"{name}={value}: expected at least 1 (seconds)")
+    return value
+
+
 def initialize(cluster: Cluster) -> None:
     """jax.distributed.initialize for this cluster: call before anything touches a device."""
     import jax
@@ -98,14 +118,19 @@ def initialize(cluster: Cluster) -> None:
     # CPU devices of several processes talk over Gloo: JAX 0.10's default, unset in some older ones.
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # The CPU backend's start exchanges the devices of every process (defaults: 2 and 5 minutes).
+    minutes = -(-cluster.startup_timeout // 60)
+    if minutes > jax.config.jax_cpu_get_local_topology_timeout_minutes:
+        jax.config.update("jax_cpu_get_local_topology_timeout_minutes", minutes)
+        jax.config.update("jax_cpu_get_global_topology_timeout_minutes", minutes + 1)
+    timeouts = dict(
+        initialization_timeout=cluster.startup_timeout, heartbeat_timeout_seconds=cluster.heartbeat_timeout
+    )
     if cluster.auto:
-        jax.distributed.initialize(heartbeat_timeout_seconds=cluster.heartbeat_timeout)
+        jax.distributed.initialize(**timeouts)
     else:
         jax.distributed.initialize(
-            cluster.coordinator_address,
-            cluster.num_processes,
-            cluster.process_id,
-            heartbeat_timeout_seconds=cluster.heartbeat_timeout,
+            cluster.coordinator_address, cluster.num_processes, cluster.process_id, **timeouts
         )
     log.info(
         "process %d of %d: %d local devices of %d",
@@ -121,25 +146,48 @@ def initialize(cluster: Cluster) -> None:
 
 class Channel:
     """Process 0 sends calls, the others receive them; one lock orders every send and the call it
-    precedes, so the processes dispatch their programs in one order even with several engines."""
+    precedes, so the processes dispatch their programs in one order even with several engines.
 
-    def __init__(self, broadcast: Callable[[Any], Any] | None = None, is_leader: bool | None = None) -> None:
+    Before its first broadcast each process waits at the start-up barrier (`meet`; default: JAX's
+    coordination service, up to `startup_timeout` seconds), so that the first collective finds the
+    others there (see the module's docstring). Tests pass their own `broadcast` and `meet`.
+    """
+
+    def __init__(
+        self,
+        broadcast: Callable[[Any], Any] | None = None,
+        is_leader: bool | None = None,
+        startup_timeout: int = Cluster.startup_timeout,
+        meet: Callable[[], None] | None = None,
+    ) -> None:
         import jax
         from jax.experimental import multihost_utils
 
         self.broadcast = broadcast or multihost_utils.broadcast_one_to_all
         self.is_leader = jax.process_index() == 0 if is_leader is None else is_leader
         self.processes = jax.process_count()
+        if meet is None and broadcast is None:
+            meet = lambda: _wait_for_all(STARTUP_BARRIER, startup_timeout)
+        self._meet, self._met = meet, meet is None
         self.lock = threading.RLock()
         self.last_sent = time.monotonic()
         self.stopped = threading.Event()
         self._heartbeat: threading.Thread | None = None
+
+    def _meet_once(self) -> None:
+        with self.lock:
+            if not self._met:
+                log.info("waiting for every process to be warm (the start-up barrier)")
+                self._meet()
+                self._met = True
+                log.info("every process is warm")
 
     def send(self, op: int, engine: int = 0, a: int = 0, b: int = 0, payload: bytes = b"") -> None:
         """(Leader) broadcasts one call; hold `lock` across this and the call itself."""
         header = np.zeros(_HEADER, np.int32)
         header[:5] = op, engine, a, b, len(payload)
         with self.lock:
+            self._meet_once()
             self.broadcast(header)
             if payload:
                 buf = np.zeros(_padded(len(payload)), np.uint8)
@@ -149,6 +197,7 @@ class Channel:
 
     def receive(self) -> tuple[int, int, int, int, bytes]:
         """(Follower) the next call: op, engine, a, b, payload."""
+        self._meet_once()
         header = np.asarray(self.broadcast(np.zeros(_HEADER, np.int32)))
         op, engine, a, b, nbytes = (int(x) for x in header[:5])
         payload = b""
@@ -177,6 +226,13 @@ class Channel:
             self.send(STOP)
         if self._heartbeat is not None:
             self._heartbeat.join()
+
+
+def _wait_for_all(barrier: str, timeout: int) -> None:
+    """Blocks until every process of the cluster has called this with the same barrier name."""
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(barrier, timeout * 1000)
 
 
 def _padded(n: int) -> int:
@@ -335,11 +391,16 @@ def follow(programs: Sequence[Any], channel: Channel) -> None:
 # ---- wiring: `python -m serving` with a Cluster ----
 
 
-def run(settings: Any, registry: Any, serve_http: Callable[[Callable[..., Any]], int]) -> int:
+def run(
+    settings: Any,
+    registry: Any,
+    serve_http: Callable[[Callable[..., Any]], int],
+    startup_timeout: int = Cluster.startup_timeout,
+) -> int:
     """Process 0: serve_http(build) with engines that broadcast their calls; the others: follow them."""
     from serving.engines import build_engine
 
-    channel = Channel()
+    channel = Channel(startup_timeout=startup_timeout)
     if not channel.is_leader:
         return run_follower(settings, registry, channel)
     names = list(registry.models)

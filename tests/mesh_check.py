@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -69,7 +70,8 @@ def library(lm: gpt2jax.LanguageModel) -> tuple[np.ndarray, dict]:
 
 def engine_results(lm: gpt2jax.LanguageModel) -> tuple[list, dict]:
     """The mixed workload's results, and the collectives in the compiled decode step."""
-    engine = BatchEngine.from_model(lm, slots=8, chunk_size=4, min_window=128)
+    # No queue timeout: requests wait for a slot while the programs compile, however slow the machine.
+    engine = BatchEngine.from_model(lm, slots=8, chunk_size=4, min_window=128, queue_timeout=math.inf)
     engine.start()
     try:
         results = summary(asyncio.run(run_batched(engine, mixed_requests(lm.tokenizer)[:10])))

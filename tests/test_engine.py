@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import random
 import subprocess
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from waits import HANG
 
 import gpt2jax
 from serving.engine import BatchEngine, EngineFault
@@ -114,6 +116,9 @@ async def run_batched(engine: BatchEngine, requests: list[GenerationRequest]) ->
 
 def make_engine(lm, **options) -> BatchEngine:
     # min_window 32: decode windows 32, 64 and 128 (n_ctx), so the mixed workload switches between them.
+    # Requests wait for a slot as long as it takes: the queue timeout is a server's choice, and a slow
+    # machine compiling the programs on first use must not turn the tests' queued requests into refusals.
+    options.setdefault("queue_timeout", math.inf)
     return BatchEngine.from_model(lm, slots=SLOTS, chunk_size=CHUNK, min_window=32, **options)
 
 
@@ -149,7 +154,7 @@ def engine(lm, compiles):
     eng.warmup()
     eng.start()
     yield eng
-    eng.stop(drain=False, timeout=30)
+    eng.stop(drain=False, timeout=HANG)
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +259,7 @@ def test_eight_devices_match_one(tiny_checkpoint, mixed, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -297,7 +302,7 @@ def long_request(lm, **kw) -> GenerationRequest:
     )
 
 
-async def until(cond, timeout: float = 20.0) -> None:
+async def until(cond, timeout: float = HANG) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"
@@ -394,10 +399,9 @@ def test_full_queue_refuses_at_once_and_long_waits_are_refused(lm, engine, monke
         monkeypatch.setattr(engine, "max_queue", 1)
         waiting = asyncio.ensure_future(collect(engine, long_request(lm)))
         await until(lambda: engine.queue_length == 1)
-        t = time.monotonic()
-        with pytest.raises(EngineOverloaded):
+        # At once (the queue is full), not after the 1 s wait: that one says "no slot within".
+        with pytest.raises(EngineOverloaded, match="1 requests waiting"):
             await anext(engine.generate(long_request(lm)))
-        assert time.monotonic() - t < 0.5  # at once, not after the 1 s wait (margin for a busy machine)
         with pytest.raises(EngineOverloaded, match="no slot within"):
             await waiting
         for s in busy:
@@ -442,7 +446,7 @@ def test_many_requests_with_random_cancellations_leak_nothing(lm, engine, monkey
         await until(lambda: engine.busy_slots == 0 and engine.queue_length == 0)
 
     asyncio.run(go())
-    assert engine.wait_idle(timeout=10)
+    assert engine.wait_idle(timeout=HANG)
     assert sorted(engine.worker.free) == list(range(SLOTS))
     assert all(s is None for s in engine.worker.seats)
 
@@ -462,7 +466,7 @@ def test_errors_fail_the_affected_requests_and_the_engine_keeps_serving(lm, engi
     with pytest.raises(EngineFault, match="injected"):
         asyncio.run(collect(engine, request))
     assert asyncio.run(collect(engine, request))[0].completion_tokens == 10
-    assert engine.wait_idle(timeout=10) and engine.busy_slots == 0
+    assert engine.wait_idle(timeout=HANG) and engine.busy_slots == 0
 
 
 def test_invalid_requests_are_refused_before_any_event(lm, engine):
