@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -111,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warning:
         log.warning(warning)
     if cluster.enabled:  # process 0 serves HTTP and drives the others (serving/multihost.py)
+        # Every program compiled before the first collective (see multihost's docstring).
+        settings = dataclasses.replace(settings, warmup="all")
         serve_http = lambda build: asyncio.run(serve(settings, registry, build))
         return multihost.run(settings, registry, serve_http, cluster.startup_timeout)
     log.info("serving %s on http://%s:%d", ", ".join(registry.models), settings.host, settings.port)

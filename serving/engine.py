@@ -32,6 +32,7 @@ from serving.engine_api import EngineError, Event, GenerationRequest
 from serving.engine_device import SlotPrograms, enable_compilation_cache
 from serving.engine_job import END, Job
 from serving.engine_metrics import EngineMetrics, publish, unpublish
+from serving.engine_warmup import BackgroundCompile, split
 from serving.engine_worker import EngineFault, SlotWorker
 
 __all__ = ["BatchEngine", "EngineFault", "default_chunk_size", "default_slots", "enable_compilation_cache"]
@@ -138,6 +139,7 @@ class BatchEngine:
             config, params, dtype, self.slots, self.chunk_size, devices, min_window, layout, batch_invariant
         )
         self.worker = SlotWorker(self, self.programs)
+        self.compiling: BackgroundCompile | None = None  # warmup(background=True)'s thread
 
     @classmethod
     def from_model(cls, model: LanguageModel, **options: Any) -> BatchEngine:
@@ -162,14 +164,26 @@ class BatchEngine:
 
     # ---- lifecycle ----
 
-    def warmup(self, buckets: Sequence[int] | None = None, score_prompt: bool = True) -> None:
+    def warmup(
+        self, buckets: Sequence[int] | None = None, score_prompt: bool = True, background: bool = False
+    ) -> None:
         """Compiles prefill for `buckets` (default all: powers of two up to n_ctx), insert and decode.
 
         Nothing runs on the device, so this is safe at any time; with `enable_compilation_cache` a
         restart loads the programs from disk instead. score_prompt also compiles the echo-logprobs prefill.
+        background: compile only what a lone short request needs before returning, and the rest on a
+        thread (`compiling`; serving/engine_warmup.py); a request that needs one of those before it is
+        compiled compiles it itself.
         """
         chosen = self.buckets if buckets is None else sorted({bucket(b, self.n_ctx) for b in buckets})
-        self.programs.compile(chosen, (False, True) if score_prompt else (False,))
+        score = (False, True) if score_prompt else (False,)
+        if not background:
+            self.programs.compile(chosen, score)
+            return
+        now, later = split(self.programs.program_names(chosen, score))
+        self.programs.compile(chosen, score, only=now)
+        if later:
+            self.compiling = BackgroundCompile(self.programs, chosen, score, later, self.name)
 
     def start(self) -> None:
         """Starts the worker thread (generate() also starts it on first use)."""
@@ -179,8 +193,11 @@ class BatchEngine:
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops accepting requests; with drain, finishes queued and running ones first, else fails them.
 
-        Blocks until the worker exits (from async code: `await asyncio.to_thread(engine.stop)`).
+        Blocks until the worker exits (from async code: `await asyncio.to_thread(engine.stop)`), and
+        until a background compile (warmup's) has finished the program it was compiling.
         """
+        if self.compiling is not None:
+            self.compiling.stop(timeout)
         self.worker.stop(drain, timeout)
         unpublish(self)
 

@@ -21,9 +21,10 @@ several processes (serving/multihost.py then makes the outputs readable by the f
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 import jax
@@ -462,15 +463,32 @@ class SlotPrograms:
         decode = self._decode[window or self.windows[-1], rows or self.local_slots]
         return decode(self.params, state, self.put(active, self.by_slot))
 
-    def compile(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> None:
+    def program_names(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> list[tuple]:
+        """What `compile` compiles for these prefill buckets: ("init",), ("first",) (first-token sampling),
+        per bucket ("prefill", bucket, score, prompts) and ("insert", bucket), then ("decode", window, rows)."""
+        names: list[tuple] = [("init",), ("first",)]
+        for b in buckets:
+            names += [("prefill", b, s, R) for s in score for R in self._prefill_row_counts(b, s)]
+            names.append(("insert", b))
+        return names + [("decode", *key) for key in self._decode]
+
+    def compile(
+        self,
+        buckets: Sequence[int],
+        score: Sequence[bool] = (False,),
+        *,
+        only: Sequence[tuple] | None = None,
+        threads: int | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         """Compiles prefill and insert for each bucket, first-token sampling and decode; runs nothing.
 
-        The abstract arguments carry the real shardings: the compiled programs are cached under them.
-        The programs are traced one after another, then compiled on a thread per core (XLA compiles
-        outside the GIL).
+        only: of those programs (`program_names`), just these, in this order. The abstract arguments
+        carry the real shardings: the compiled programs are cached under them. The programs are traced
+        one after another, then compiled on `threads` threads (default one per core; XLA compiles outside
+        the GIL). With one thread, each is compiled once traced, and a set `stop` ends before the next.
         """
-        rep, rows = self.replicated, self.by_slot
-        lowered = [self._init.lower()]
+        rep = self.replicated
         like = lambda tree, shardings: jax.tree.map(  # shardings: a prefix of tree
             lambda s, sub: jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), sub
@@ -479,6 +497,7 @@ class SlotPrograms:
             tree,
             is_leaf=lambda x: isinstance(x, NamedSharding),
         )
+        ints = lambda *shape: like(jax.ShapeDtypeStruct(shape, jnp.int32), rep)
         row = make_row(
             1, 1, -1, False, self.config.n_vocab, temperature=0.0, top_k=0, top_p=1.0,
             presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=0,
@@ -486,23 +505,32 @@ class SlotPrograms:
         row, params = like(row, rep), like(self.params, self.layout.param_shardings(self.params))
         state = like(jax.eval_shape(self._init_impl), self.state_shardings)
         logits = like(jax.ShapeDtypeStruct((self.config.n_vocab,), jnp.float32), rep)
-        lowered.append(self._first.lower(logits, row))
-        row_state = like(jax.eval_shape(self._first, logits, row)[0], rep)
-        slot = like(np.int32(0), rep)
-        for bucket in buckets:
-            for s in score:
-                for R in self._prefill_row_counts(bucket, s):
-                    tokens = like(jax.ShapeDtypeStruct((R, bucket), jnp.int32), rep)
-                    lengths = like(jax.ShapeDtypeStruct((R,), jnp.int32), rep)
-                    lowered.append(self._prefill_program(s, R).lower(params, tokens, lengths))
-            tokens = like(jax.ShapeDtypeStruct((1, bucket), jnp.int32), rep)
-            lengths = like(jax.ShapeDtypeStruct((1,), jnp.int32), rep)
-            kv = like(
-                jax.eval_shape(self._prefill_program(False, 1), params, tokens, lengths)[0].cache,
-                self.kv_sharding,
-            )
-            lowered.append(self._insert.lower(state, kv, row_state, slot))
-        for program in self._decode.values():
-            lowered.append(program.lower(params, state, like(np.zeros(self.slots, bool), rows)))
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        row_state = cache(lambda: like(jax.eval_shape(self._first, logits, row)[0], rep))
+
+        def lower(name: tuple) -> Any:
+            kind, *key = name
+            if kind == "init":
+                return self._init.lower()
+            if kind == "first":
+                return self._first.lower(logits, row)
+            if kind == "prefill":
+                bucket, s, R = key
+                return self._prefill_program(s, R).lower(params, ints(R, bucket), ints(R))
+            if kind == "insert":
+                pre = jax.eval_shape(self._prefill_program(False, 1), params, ints(1, key[0]), ints(1))[0]
+                kv = like(pre.cache, self.kv_sharding)
+                return self._insert.lower(state, kv, row_state(), like(np.int32(0), rep))
+            active = like(np.zeros(self.slots, bool), self.by_slot)
+            return self._decode[tuple(key)].lower(params, state, active)
+
+        names = self.program_names(buckets, score) if only is None else only
+        threads = threads or os.cpu_count() or 1
+        if threads == 1:
+            for name in names:
+                if stop is not None and stop.is_set():
+                    return
+                lower(name).compile()
+            return
+        lowered = [lower(name) for name in names]
+        with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda program: program.compile(), lowered))

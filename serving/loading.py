@@ -123,8 +123,9 @@ async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBui
             m.engine, m.status = engine, WARMING
             log.info("warming up %s", m.name)
             # Both in a thread, so that /health keeps answering: warm-up compiles, start allocates the
-            # KV cache and starts the engine's worker thread.
-            await _call(engine.warmup, thread=True)
+            # KV cache and starts the engine's worker thread. WARMUP=background: the engine compiles
+            # the rest of its programs after /health turns 200 (serving/engine_warmup.py).
+            await _call(engine.warmup, thread=True, **_warmup_options(engine, settings))
             await _call(engine.start, thread=True)
             m.status = READY
             log.info("%s is ready (%s)", m.name, model)
@@ -136,6 +137,12 @@ async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBui
         raise NoModelLoaded(
             "no model could be loaded: " + "; ".join(f"{n}: {m.error}" for n, m in registry.models.items())
         )
+
+
+def _warmup_options(engine: Engine, settings: Settings) -> dict[str, Any]:
+    """background=True for an engine whose warmup takes it (BatchEngine's) when WARMUP=background."""
+    takes = "background" in inspect.signature(engine.warmup).parameters
+    return {"background": True} if settings.warmup == "background" and takes else {}
 
 
 def serving_mesh(settings: Settings) -> Any:

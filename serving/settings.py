@@ -38,6 +38,9 @@ class Settings:
     queue_timeout: float = 30.0  # QUEUE_TIMEOUT: seconds a request may wait for a slot before a 429
     # BATCH_INVARIANT: a request's tokens do not depend on what runs beside it (slower; README, "Seeds and batch invariance")
     batch_invariant: bool = False
+    # WARMUP: "background" compiles what a lone short request needs before /health turns 200 and the
+    # other programs while serving (serving/engine_warmup.py); "all" compiles every program first.
+    warmup: str = "background"
     log_level: str = "INFO"  # LOG_LEVEL
 
     @classmethod
@@ -71,6 +74,7 @@ class Settings:
             max_queue=_int(env, "MAX_QUEUE", d.max_queue, 0, 1 << 20),
             queue_timeout=_float(env, "QUEUE_TIMEOUT", d.queue_timeout),
             batch_invariant=_bool(env, "BATCH_INVARIANT", d.batch_invariant),
+            warmup=_warmup((get("WARMUP") or d.warmup).lower()),
             log_level=(get("LOG_LEVEL") or d.log_level).upper(),
         )
 
@@ -118,6 +122,12 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{name}={raw!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+
+
+def _warmup(value: str) -> str:
+    if value not in ("background", "all"):
+        raise SettingsError(f"WARMUP={value!r}: expected background or all")
+    return value
 
 
 def _mesh(value: str) -> str:

@@ -1,0 +1,94 @@
+"""What an engine compiles before it is ready, and what it compiles afterwards on a background thread.
+
+Warm-up compiles every program a request may need (SlotPrograms.program_names): prefill per prompt-length
+bucket x prompts per call x scored or not (echo logprobs), insert per bucket, decode per cache window x
+leading rows. For the shipped pydoc-tiny that is 31 programs, and compiling them was most of a cold
+start (README, "Start-up time"). Starting the engine needs one (its first state), and a lone request with
+a short prompt four more: a one-prompt prefill, its insert, first-token sampling, and decode over the
+smallest window for the fewest rows. So a server compiles those (`split`'s first part; prompts up to
+SHORT_PROMPT tokens), reports ready, and compiles the others on one thread while it serves, the likeliest
+first. A request that needs one not
+compiled yet compiles it when it comes (JAX's jit), which holds up the requests beside it that once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+log = logging.getLogger("serving.engine")
+
+SHORT_PROMPT = 64  # tokens: prompts up to this long need no compiling once the engine is ready
+
+
+def split(names: Sequence[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """The programs to compile before the engine is ready, and the others, the likeliest needed first.
+
+    names: SlotPrograms.program_names, ("init",), ("first",), ("prefill", bucket, score, prompts),
+    ("insert", bucket), ("decode", window, rows)."""
+    decodes = [n for n in names if n[0] == "decode"]
+    window = min((w for _, w, _ in decodes), default=None)
+    rows = min((r for _, w, r in decodes if w == window), default=None)
+    fewest = {}  # (bucket, score) -> the fewest prompts a prefill of that bucket is compiled for
+    for n in names:
+        if n[0] == "prefill":
+            fewest[n[1:3]] = min(fewest.get(n[1:3], n[3]), n[3])
+
+    def first(n: tuple) -> bool:
+        kind = n[0]
+        if kind == "prefill":
+            return n[1] <= SHORT_PROMPT and not n[2] and n[3] == fewest[n[1:3]]
+        if kind == "insert":
+            return n[1] <= SHORT_PROMPT
+        if kind == "decode":
+            return n[1:] == (window, rows)
+        return True  # init, first-token sampling
+
+    def likelihood(n: tuple) -> tuple:
+        kind = n[0]
+        if kind == "decode":  # several requests at once, then longer texts
+            return (0 if n[1] == window else 2, n[1], n[2])
+        if kind == "prefill":  # several short prompts at once, then longer prompts; scoring last
+            return (3 if n[2] else 1 if n[1] <= SHORT_PROMPT else 2, n[1], n[3])
+        return (2, n[1], 0)  # the insert of a longer prompt
+
+    return [n for n in names if first(n)], sorted((n for n in names if not first(n)), key=likelihood)
+
+
+class BackgroundCompile:
+    """Compiles some of an engine's programs on one thread (SlotPrograms.compile's `only`), in order.
+
+    `done` is set once all are compiled, or the work was stopped or failed (logged)."""
+
+    def __init__(self, programs: Any, buckets: Sequence[int], score: Sequence[bool], names: list, model: str):
+        self.model, self.count = model, len(names)
+        self.done, self._stop = threading.Event(), threading.Event()
+        work = partial(programs.compile, buckets, score, only=names, threads=1, stop=self._stop)
+        self._thread = threading.Thread(target=self._run, args=(work,), name=f"compile-{model}", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        start = time.monotonic()
+        try:
+            work()
+            if not self._stop.is_set():
+                took = time.monotonic() - start
+                log.info(
+                    "%s: the other %d programs compiled in the background (%.1f s)",
+                    self.model,
+                    self.count,
+                    took,
+                )
+        except Exception:  # the programs still compile on first use
+            log.exception("%s: compiling in the background failed", self.model)
+        finally:
+            self.done.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ends the work after the program being compiled (XLA cannot be interrupted) and waits for it."""
+        self._stop.set()
+        self._thread.join(timeout)
