@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
+from waits import HANG
 
 from gpt2jax import sampling
 from gpt2jax.lm import LanguageModel, derive_seed
@@ -270,10 +271,10 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         self._thread.start()
-        self._ready.wait(10)
+        self._ready.wait(HANG)
         return self
 
-    def get(self, path: str, timeout: float = 10) -> tuple[int, dict]:
+    def get(self, path: str, timeout: float = HANG) -> tuple[int, dict]:
         """GET path -> (status, JSON body); (0, {}) while nothing listens yet."""
         try:
             with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
@@ -283,7 +284,7 @@ class ServerThread:
         except (ConnectionError, urllib.error.URLError):
             return 0, {}
 
-    def post(self, path: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
+    def post(self, path: str, body: dict, timeout: float = HANG) -> tuple[int, dict]:
         """POST a JSON body -> (status, JSON body)."""
         request = urllib.request.Request(
             self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -294,7 +295,7 @@ class ServerThread:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def wait_for(self, predicate, timeout: float = 120, what: str = "") -> None:
+    def wait_for(self, predicate, timeout: float = HANG, what: str = "") -> None:
         """Polls (no fixed sleeps) until predicate() is true."""
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -302,7 +303,7 @@ class ServerThread:
                 raise TimeoutError(f"server at {self.url}: gave up waiting for {what or predicate}")
             time.sleep(0.05)
 
-    def shutdown(self, timeout: float = 60) -> int | None:
+    def shutdown(self, timeout: float = HANG) -> int | None:
         """Sets the stop event (as SIGTERM does) and waits for serve() to return its exit code."""
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.stop.set)

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 from fake_engine import ScriptedEngine, ServerThread
+from waits import HANG
 
 from serving.engine_api import EngineOverloaded
 from serving.registry import ModelRegistry
@@ -21,7 +22,7 @@ BODY_LIMIT = 4096
 
 
 def send(port: int, method: str, path: str, body=None, headers=None, key: str | None = KEY):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
     h = {"Authorization": f"Bearer {key}"} if key else {}
     if isinstance(body, dict | list):
         body, h["Content-Type"] = json.dumps(body).encode(), "application/json"
@@ -44,7 +45,7 @@ def server(tokenizer_dir):
     engines = {"tiny": ScriptedEngine(tok, name="tiny", n_ctx=64), "busy": busy}
     settings = Settings(api_keys=(KEY,), max_tokens=40, max_n=4, max_body_bytes=BODY_LIMIT)
     srv = ServerThread(settings, ModelRegistry.from_engines(engines)).start()
-    srv.wait_for(lambda: srv.get("/health")[0] == 200, 30, "/health")
+    srv.wait_for(lambda: srv.get("/health")[0] == 200, what="/health")
     yield srv
     assert srv.shutdown() == 0
 
@@ -187,8 +188,8 @@ def test_stop_finishes_in_flight_stream_then_refuses(tokenizer_dir):
     engine = ScriptedEngine(tok, name="slow", reply=" one two three four five six seven eight nine ten")
     engine.delay = 0.1
     srv = ServerThread(Settings(), ModelRegistry.from_engines({"slow": engine})).start()
-    srv.wait_for(lambda: srv.get("/health")[0] == 200, 30, "/health")
-    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    srv.wait_for(lambda: srv.get("/health")[0] == 200, what="/health")
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=HANG)
     body = json.dumps({"model": "slow", "prompt": "Count:", "max_tokens": 30, "stream": True})
     conn.request("POST", C, body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -204,18 +205,19 @@ def test_stop_finishes_in_flight_stream_then_refuses(tokenizer_dir):
         except OSError:
             return True
 
-    srv.wait_for(refused, 10, "the port to stop accepting")
+    srv.wait_for(refused, what="the port to stop accepting")
     rest = response.read()
     assert rest.rstrip().endswith(b"data: [DONE]") and b'"finish_reason":"' in rest
-    stopper.join(30)
+    stopper.join(HANG)
     assert srv.exit_code == 0
 
 
 def test_client_gone_closes_the_engine_stream(server):
     engine = server.registry.models["tiny"].engine
-    engine.delay, engine.reply, before = 0.2, " word" * 30, engine.events_sent
+    # An event a second: the stream would run 30 s; the server sees the client gone far sooner.
+    engine.delay, engine.reply, before = 1.0, " word" * 30, engine.events_sent
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG)
         body = json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 30, "stream": True})
         conn.request(
             "POST",
@@ -227,7 +229,7 @@ def test_client_gone_closes_the_engine_stream(server):
         assert response.readline().startswith(b"data: {")
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
-        server.wait_for(lambda: engine.open_streams == 0, 10, "the engine stream to be closed")
-        assert engine.events_sent - before < 10  # of 30: it did not run to the end
+        server.wait_for(lambda: engine.open_streams == 0, what="the engine stream to be closed")
+        assert engine.events_sent - before < 30  # it did not run to the end
     finally:
         engine.delay, engine.reply = 0.0, ScriptedEngine(engine.tokenizer).reply

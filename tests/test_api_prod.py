@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from waits import HANG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,14 +56,14 @@ def test_prod_sh_serves_and_stops_gracefully(tiny_checkpoint):
     proc = subprocess.Popen(["bash", str(REPO / "prod.sh")], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline, seen = time.monotonic() + 300, set()
+        deadline, seen = time.monotonic() + HANG, set()
         while (status := get(base + "/health")) != 200:
             seen.add(status)
             assert proc.poll() is None and time.monotonic() < deadline, _tail(log)
             time.sleep(0.2)
         assert 503 in seen  # listening while the engine warmed up
 
-        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=HANG)
         name = Path(tiny_checkpoint).name
         r = client.completions.create(
             model="davinci", prompt="Hello", n=2, max_tokens=6, echo=True, logprobs=1
@@ -77,7 +78,7 @@ def test_prod_sh_serves_and_stops_gracefully(tiny_checkpoint):
         proc.send_signal(signal.SIGTERM)  # with the stream in flight
         chunks += list(stream)
         assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason
-        assert proc.wait(60) == 0, _tail(log)
+        assert proc.wait(HANG) == 0, _tail(log)
     finally:
         if proc.poll() is None:
             proc.kill()

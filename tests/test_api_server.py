@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_engine import FakeEngine, ServerThread
+from waits import HANG
 
 from serving.loading import registry_for
 from serving.settings import Settings
@@ -48,16 +49,16 @@ def server(request, tiny_checkpoint):
         loaded.append(model)  # to compare with the model's own score()
         engine = batch_engine(model) if request.param == "batch_engine" else FakeEngine(model)
         warmup = engine.warmup
-        engine.warmup = lambda: (gate.wait(60), warmup())
+        engine.warmup = lambda: (gate.wait(HANG), warmup())
         return engine
 
     srv = ServerThread(settings, registry, build).start()
     try:
-        srv.wait_for(lambda: srv.get("/health")[0] != 0, 30, "the server to listen")
+        srv.wait_for(lambda: srv.get("/health")[0] != 0, what="the server to listen")
         status, body = srv.get("/health")
         assert status == 503 and body["status"] == "loading", body
         gate.set()
-        srv.wait_for(lambda: srv.get("/health")[0] == 200, 120, "/health 200")
+        srv.wait_for(lambda: srv.get("/health")[0] == 200, what="/health 200")
         srv.name = next(iter(registry.models))
         srv.model = loaded[0]
         yield srv
@@ -70,7 +71,7 @@ def server(request, tiny_checkpoint):
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="anything", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="anything", max_retries=0, timeout=HANG)
 
 
 def test_models_list(client, server):
@@ -167,9 +168,9 @@ def _legacy_cli() -> Path | None:
     if cli.exists():
         return cli
     try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(LEGACY_VENV)], check=True, timeout=120)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(LEGACY_VENV)], check=True, timeout=HANG)
         pip = [str(LEGACY_VENV / "bin" / "pip"), "install", "-q", "openai==0.28.1"]
-        subprocess.run(pip, check=True, timeout=300, capture_output=True)
+        subprocess.run(pip, check=True, timeout=HANG, capture_output=True)
     except (subprocess.SubprocessError, OSError) as e:
         print(f"cannot install openai==0.28.1 into {LEGACY_VENV}: {e}")
         return None
@@ -185,13 +186,13 @@ def test_legacy_cli_readme_commands(server):
     env.pop("OPENAI_API_BASE", None)
     # The original README's commands, verbatim.
     completion = "OPENAI_API_BASE=http://localhost:$PORT openai api completions.create -e davinci -p 'Hello, world' -t 0.8 -M 16 -n 4"
-    out = subprocess.run(["bash", "-c", completion], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["bash", "-c", completion], env=env, capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr
     assert [f"===== Completion {i} =====" in out.stdout for i in range(4)] == [True] * 4, out.stdout
     assert out.stdout.count("Hello, world") >= 4  # the CLI asks for echo
 
     engines = "OPENAI_API_BASE=http://localhost:$PORT openai api engines.list"
-    out = subprocess.run(["bash", "-c", engines], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["bash", "-c", engines], env=env, capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr
     assert f'"id": "{server.name}"' in out.stdout
 
@@ -205,7 +206,7 @@ def test_curl_get_engine_completions(server):
         "?prompt=Hello,%20my%20name%20is&max_tokens=32&n=4&temperature=0.9&echo=true"
     )
     out = subprocess.run(
-        f"curl -s {shlex.quote(url)}", shell=True, capture_output=True, text=True, timeout=120
+        f"curl -s {shlex.quote(url)}", shell=True, capture_output=True, text=True, timeout=HANG
     )
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
@@ -223,7 +224,7 @@ def test_examples(server, tmp_path):
     env = {**os.environ, "PORT": str(server.port), "T": "0.8", "M": "8"}
     env.pop("OPENAI_API_BASE", None)
     run = lambda *args, **extra: subprocess.run(
-        ["bash", *map(str, args)], env=env | extra, capture_output=True, text=True, timeout=120
+        ["bash", *map(str, args)], env=env | extra, capture_output=True, text=True, timeout=HANG
     )
     out = run(EXAMPLES / "001_test_list.sh")
     assert out.returncode == 0 and f'"id": "{server.name}"' in out.stdout, out.stderr
@@ -236,6 +237,6 @@ def test_examples(server, tmp_path):
     out = run(EXAMPLES / "003_completions.sh", "Yo dawg", N="2")
     assert out.returncode == 0 and out.stdout.count("\033c") == 2 and "Yo dawg" in out.stdout, out.stderr
     out = subprocess.run(
-        [sys.executable, EXAMPLES / "openai_client.py"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, EXAMPLES / "openai_client.py"], env=env, capture_output=True, text=True, timeout=HANG
     )
     assert out.returncode == 0 and "completion 1:" in out.stdout and "chat: " in out.stdout, out.stderr

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from waits import HANG
 
 from serving import loading
 from serving.__main__ import exposure_warning
@@ -117,10 +118,14 @@ def test_command_line_without_a_model(tmp_path):
     # MODELS names a model that is not there (with MODELS unset, the repo's shipped model would be served).
     env = {**os.environ, "MODELS": "117M", "MODELS_DIR": str(tmp_path / "empty"), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
-        [sys.executable, "-m", "serving"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "serving"], env=env, capture_output=True, text=True, timeout=HANG
     )
     assert out.returncode == 1 and "python3 download_model.py 117M" in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "serving", "--port", "x"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "serving", "--port", "x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG,
     )
     assert out.returncode == 2 and "PORT" in out.stderr

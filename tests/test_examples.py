@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from fake_engine import ScriptedEngine, ServerThread
 from test_api_prod import free_port
+from waits import HANG
 
 from serving.loading import registry_for
 from serving.registry import SHIPPED_DIR
@@ -51,7 +52,7 @@ def server():
     build = lambda model, _settings: Scripted(model.tokenizer, n_ctx=model.config.n_ctx)
     srv = ServerThread(settings, registry, build).start()
     try:
-        srv.wait_for(lambda: srv.get("/health")[0] == 200, 600, "/health 200")
+        srv.wait_for(lambda: srv.get("/health")[0] == 200, what="/health 200")
         yield srv
     finally:
         assert srv.shutdown() == 0
@@ -63,7 +64,7 @@ def answer(server, path: str, body: dict | None = None, key: str | None = None) 
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(server.url + path, data, headers)
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=HANG) as r:
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
@@ -79,7 +80,7 @@ def run(server, script: str, *args: str, **env: str) -> subprocess.CompletedProc
     full.update({"PORT": str(server.port), "NO_PROXY": "*", **env})
     command = [sys.executable] if script.endswith(".py") else ["bash"]
     return subprocess.run(
-        [*command, str(EXAMPLES / script), *args], env=full, capture_output=True, text=True, timeout=300
+        [*command, str(EXAMPLES / script), *args], env=full, capture_output=True, text=True, timeout=HANG
     )
 
 

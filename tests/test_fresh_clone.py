@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from test_api_prod import _tail, free_port, get
 from test_download_model import FakeHost, add_hub_repo, assert_clean_failure, hub_files, openai_layout
+from waits import HANG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,23 +50,23 @@ def test_fresh_clone_serves_the_shipped_model(tmp_path):
     proc = subprocess.Popen(["bash", "prod.sh"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + HANG
         while get(base + "/health") != 200:
             assert proc.poll() is None and time.monotonic() < deadline, _tail(log)
             time.sleep(0.2)
-        with urllib.request.urlopen(base + "/v1/models", timeout=10) as r:
+        with urllib.request.urlopen(base + "/v1/models", timeout=HANG) as r:
             assert [m["id"] for m in json.load(r)["data"]] == ["pydoc-tiny"]
         body = json.dumps({"model": "pydoc-tiny", "prompt": "The for statement", "max_tokens": 20, "seed": 1})
         request = urllib.request.Request(
             base + "/v1/completions", body.encode(), {"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=HANG) as r:
             answer = json.load(r)
         text = answer["choices"][0]["text"]
         assert answer["model"] == "pydoc-tiny" and answer["usage"]["completion_tokens"] > 0
         assert text.strip(), answer
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, _tail(log)
+        assert proc.wait(HANG) == 0, _tail(log)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -123,7 +124,12 @@ def quickstart(bin_dir: Path, cwd: Path, mirror: FakeHost, *args: str) -> subpro
         "NO_PROXY": "*",  # loopback must never go through a proxy
     }
     return subprocess.run(
-        ["python3", "download_model.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        ["python3", "download_model.py", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG,
     )
 
 
@@ -215,7 +221,7 @@ def test_requirements_txt_installs_the_project_with_pyprojects_dependencies(tmp_
         cwd=clone,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG,
     )
     assert proc.returncode == 0, proc.stderr
     [item] = json.loads(proc.stdout)["install"]

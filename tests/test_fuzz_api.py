@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from waits import HANG
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,17 +33,17 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     env = SERVER_ENV | {"JAX_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "jax-cache")}
     with ServerProcess(env, log_path=tmp / "server.log") as srv:
-        srv.wait_healthy()
+        srv.wait_healthy(HANG)
         yield srv
         assert srv.health()[0] == 200, srv.log_tail()
-        assert srv.terminate() == 0, srv.log_tail()
+        assert srv.terminate(HANG) == 0, srv.log_tail()
     assert "Traceback" not in srv.log_text(), srv.log_tail()  # no unexpected error was logged
 
 
 def post(srv: ServerProcess, path: str, raw: bytes) -> tuple[int, dict]:
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     try:
-        with urllib.request.urlopen(urllib.request.Request(srv.url + path, raw, headers), timeout=60) as r:
+        with urllib.request.urlopen(urllib.request.Request(srv.url + path, raw, headers), timeout=HANG) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())

@@ -10,15 +10,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from waits import HANG
+
 from benchmarks.load_test import KEY, run  # noqa: E402
 from benchmarks.server_process import ServerProcess  # noqa: E402
 
+# Load-independent verdicts: a request waits for a slot and for its answer as long as the machine takes (a
+# full queue is still refused at once); every program is compiled before /health turns 200, so that
+# memory measured after the warm-up requests does not grow by programs compiled later.
+PATIENT = {"QUEUE_TIMEOUT": str(HANG), "WARMUP": "all"}
+
 
 def test_load_no_errors_no_leaked_slots_flat_memory(tmp_path, tmp_path_factory):
-    env = {"API_KEYS": KEY, "JAX_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "jax-cache")}
+    env = {"API_KEYS": KEY, "JAX_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "jax-cache"), **PATIENT}
     with ServerProcess(env, log_path=tmp_path / "server.log") as server:
-        server.wait_healthy()
-        report = run(server, requests=150, clients=64, disconnect=0.15, warmup=64, seed=3)
+        server.wait_healthy(HANG)
+        report = run(server, requests=150, clients=64, disconnect=0.15, warmup=64, seed=3, timeout=HANG)
         print("\n".join(report.lines()))
         assert len(report.outcomes) == 150 and not report.unexpected, report.lines()
         # 64 clients against 16 slots + a queue of 64 (the defaults) sit at the edge of load shedding:
@@ -29,7 +36,7 @@ def test_load_no_errors_no_leaked_slots_flat_memory(tmp_path, tmp_path_factory):
         assert report.engine_finished < len(report.outcomes)
         assert abs(report.rss_growth_pct) < 10, report.lines()
         assert server.health()[0] == 200
-        assert server.terminate() == 0
+        assert server.terminate(HANG) == 0
     assert "Traceback" not in server.log_text(), server.log_tail()
 
 
@@ -41,10 +48,13 @@ def test_overload_is_shed_with_429(tmp_path, tmp_path_factory):
         "SLOTS": "4",
         "MAX_QUEUE": "2",
         "JAX_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "jax-cache"),
+        **PATIENT,
     }
     with ServerProcess(env, log_path=tmp_path / "server.log") as server:
-        server.wait_healthy()
-        report = run(server, requests=100, clients=16, disconnect=0.1, warmup=8, seed=4, retry_shed=0.05)
+        server.wait_healthy(HANG)
+        report = run(
+            server, requests=100, clients=16, disconnect=0.1, warmup=8, seed=4, retry_shed=0.05, timeout=HANG
+        )
         print("\n".join(report.lines()))
         # 16 clients keep sending to room for 6 all run long, so refusals are many; each refused request
         # is sent again until served, so all 100 end well (served, or hung up on purpose).
@@ -52,4 +62,4 @@ def test_overload_is_shed_with_429(tmp_path, tmp_path_factory):
         assert report.count("ok") + report.count("disconnected") == 100, report.lines()
         assert report.count("ok") >= 80, report.lines()
         assert report.busy_slots == 0 and report.queue_length == 0 and report.engine_failed == 0
-        assert server.terminate() == 0
+        assert server.terminate(HANG) == 0

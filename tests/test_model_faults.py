@@ -39,7 +39,7 @@ def test_a_broken_model_folder_does_not_stop_the_others(folders, tmp_path, caplo
     srv = ServerThread(settings, registry, lambda model, _s: FakeEngine(model)).start()
     try:
         with caplog.at_level(logging.INFO, logger="serving"):
-            srv.wait_for(lambda: srv.get("/health")[0] == 200, 120, "/health 200")
+            srv.wait_for(lambda: srv.get("/health")[0] == 200, what="/health 200")
         status, health = srv.get("/health")
         assert health["status"] == "degraded"
         assert health["models"]["good"] == {"status": "ready"}
@@ -69,7 +69,7 @@ def test_no_model_loads_exits_1(folders):
     _, truncated, bad_config = folders
     settings = Settings()
     srv = ServerThread(settings, registry_for([truncated, bad_config], settings), FakeEngine).start()
-    srv.wait_for(lambda: srv.exit_code is not None or srv.get("/health")[1].get("status") == "failed", 60)
+    srv.wait_for(lambda: srv.exit_code is not None or srv.get("/health")[1].get("status") == "failed")
     assert srv.shutdown() == 1
 
 

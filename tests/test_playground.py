@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from waits import HANG
 
 from serving.app import create_app
 from serving.playground import STATIC_DIR
@@ -40,7 +41,7 @@ CHROMIUM_FLAGS = (
     "--window-size=1200,900",
 )
 API_KEY = "playground-test-key"
-WAIT_S = 120  # generous: CI machines are shared
+WAIT_S = HANG  # only a guard against a hang (tests/waits.py)
 
 
 # ---- the page and its assets, in process ----
@@ -119,10 +120,10 @@ def live_server(tiny_checkpoint):
     registry = registry_for([pathlib.Path(tiny_checkpoint)], settings)
     srv = ServerThread(settings, registry, lambda model, _settings: FakeEngine(model)).start()
     try:
-        srv.wait_for(lambda: srv.get("/health")[0] == 200, 180, "/health 200")
+        srv.wait_for(lambda: srv.get("/health")[0] == 200, what="/health 200")
         # Compile what the page's requests use (logprobs, n) here, not while the browser waits.
         body = {"model": next(iter(registry.models)), "prompt": "Hi", "max_tokens": 2, "n": 2, "logprobs": 3}
-        _post(srv.url, body, timeout=300)
+        _post(srv.url, body)
         yield srv.url
     finally:
         assert srv.shutdown() == 0

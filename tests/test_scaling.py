@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from fake_engine import ScriptedEngine, ServerThread
 from test_api_prod import free_port
+from waits import HANG
 
 from serving.loading import registry_for
 from serving.settings import Settings
@@ -46,7 +47,7 @@ def completion(base: str, **body) -> tuple[int, str]:
     data = json.dumps({"model": "davinci", "prompt": "Hi", "max_tokens": 4, **body}).encode()
     req = urllib.request.Request(base + "/v1/completions", data, {"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=HANG) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -66,7 +67,7 @@ def test_nginx_spreads_requests_over_ready_replicas(tiny_checkpoint, tokenizer_d
     def builder(reply: str, gate: threading.Event | None):
         def build(model, _settings):
             engine = ScriptedEngine(tokenizer, name=model.name, reply=reply)
-            engine.warmup = lambda: gate.wait(60) if gate is not None else None
+            engine.warmup = lambda: gate.wait(HANG) if gate is not None else None
             engine.start = lambda: None
             return engine
 
@@ -95,9 +96,9 @@ def test_nginx_spreads_requests_over_ready_replicas(tiny_checkpoint, tokenizer_d
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        replicas[0].wait_for(lambda: replicas[0].get("/health")[0] == 200, 60, "replica one ready")
+        replicas[0].wait_for(lambda: replicas[0].get("/health")[0] == 200, what="replica one ready")
         assert replicas[1].get("/health")[0] == 503  # still loading
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HANG
         while completion(base)[0] in (0, 502) and time.monotonic() < deadline:  # nginx starting
             assert nginx.poll() is None, nginx.stdout.read()
             time.sleep(0.1)
@@ -105,8 +106,8 @@ def test_nginx_spreads_requests_over_ready_replicas(tiny_checkpoint, tokenizer_d
         assert all(status == 200 and " one one" in body for status, body in answers), answers
 
         loading.set()
-        replicas[1].wait_for(lambda: replicas[1].get("/health")[0] == 200, 60, "replica two ready")
-        seen, deadline = set(), time.monotonic() + 30
+        replicas[1].wait_for(lambda: replicas[1].get("/health")[0] == 200, what="replica two ready")
+        seen, deadline = set(), time.monotonic() + HANG
         while len(seen) < 2 and time.monotonic() < deadline:  # the loading one was skipped for a second
             status, body = completion(base)
             assert status == 200, body
@@ -118,7 +119,7 @@ def test_nginx_spreads_requests_over_ready_replicas(tiny_checkpoint, tokenizer_d
         assert status == 200 and body.rstrip().endswith("data: [DONE]") and body.count("data: {") >= 2
     finally:
         nginx.terminate()
-        nginx.wait(10)
+        nginx.wait(HANG)
         loading.set()
         for r in replicas:
             assert r.shutdown() == 0
