@@ -7,8 +7,8 @@ start (README, "Start-up time"). Starting the engine needs one (its first state)
 a short prompt four more: a one-prompt prefill, its insert, first-token sampling, and decode over the
 smallest window for the fewest rows. So a server compiles those (`split`'s first part; prompts up to
 SHORT_PROMPT tokens), reports ready, and compiles the others on one thread while it serves, the likeliest
-first. A request that needs one not
-compiled yet compiles it when it comes (JAX's jit), which holds up the requests beside it that once.
+first. A request that needs one not compiled yet compiles it when it comes (JAX's jit), which holds up
+the requests beside it, once.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from typing import Any
 
 log = logging.getLogger("serving.engine")
 
-SHORT_PROMPT = 64  # tokens: prompts up to this long need no compiling once the engine is ready
+# Tokens: once the engine is ready, a lone request with a prompt up to this long (and prompt + max_tokens
+# within the smallest decode window) needs no compiling.
+SHORT_PROMPT = 64
 
 
 def split(names: Sequence[tuple]) -> tuple[list[tuple], list[tuple]]:
