@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from serving import multihost
 from serving.app import create_app
+from serving.cluster import Cluster, initialize
 from serving.context import EXTENSION
 from serving.engines import build_engine
 from serving.loading import EngineBuilder, NoModelError, discover_models, load_all, registry_for, stop_all
@@ -96,13 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ) | parse_args(argv)
     try:
         settings = Settings.from_env(env)
-        cluster = multihost.Cluster.from_env(env)
+        cluster = Cluster.from_env(env)
     except SettingsError as e:
         print(f"gpt2jax-serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cluster.enabled:  # several processes, one SPMD program: join before anything touches a device
-        multihost.initialize(cluster)
+        initialize(cluster)
     try:
         registry = registry_for(discover_models(settings), settings)
     except (NoModelError, ValueError) as e:

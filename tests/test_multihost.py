@@ -25,7 +25,8 @@ from test_api_prod import free_port, get
 from waits import HANG
 
 import gpt2jax
-from serving import multihost
+from serving import cluster, multihost
+from serving.cluster import Cluster
 from serving.engine_device import make_row
 from serving.settings import SettingsError
 
@@ -33,16 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cluster_settings():
-    assert not multihost.Cluster.from_env({}).enabled
-    c = multihost.Cluster.from_env(
-        {"COORDINATOR_ADDRESS": "10.0.0.1:8476", "NUM_PROCESSES": "4", "PROCESS_ID": "3"}
-    )
+    assert not Cluster.from_env({}).enabled
+    c = Cluster.from_env({"COORDINATOR_ADDRESS": "10.0.0.1:8476", "NUM_PROCESSES": "4", "PROCESS_ID": "3"})
     assert c.enabled and (c.coordinator_address, c.num_processes, c.process_id) == ("10.0.0.1:8476", 4, 3)
-    assert multihost.Cluster.from_env({"DISTRIBUTED": "auto"}).auto
+    assert Cluster.from_env({"DISTRIBUTED": "auto"}).auto
     assert (c.heartbeat_timeout, c.startup_timeout) == (100, 1800)
-    auto = multihost.Cluster.from_env(
-        {"DISTRIBUTED": "auto", "HEARTBEAT_TIMEOUT": "7", "STARTUP_TIMEOUT": "60"}
-    )
+    auto = Cluster.from_env({"DISTRIBUTED": "auto", "HEARTBEAT_TIMEOUT": "7", "STARTUP_TIMEOUT": "60"})
     assert (auto.heartbeat_timeout, auto.startup_timeout) == (7, 60)
     bad = [
         ({"COORDINATOR_ADDRESS": "10.0.0.1"}, "host:port"),
@@ -57,7 +54,7 @@ def test_cluster_settings():
     ]
     for env, message in bad:
         with pytest.raises(SettingsError, match=message):
-            multihost.Cluster.from_env(env)
+            Cluster.from_env(env)
 
 
 def row(**kw):
@@ -278,7 +275,7 @@ def test_the_timeouts_reach_jax_distributed(monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
     monkeypatch.setattr(jax.config, "update", lambda name, value: updates.__setitem__(name, value))
     env = {"COORDINATOR_ADDRESS": "127.0.0.1:1", "NUM_PROCESSES": "2", "PROCESS_ID": "1"}
-    multihost.initialize(multihost.Cluster.from_env({**env, "HEARTBEAT_TIMEOUT": "5"}))
+    cluster.initialize(Cluster.from_env({**env, "HEARTBEAT_TIMEOUT": "5"}))
     assert calls[-1] == (
         ("127.0.0.1:1", 2, 1),
         {"initialization_timeout": 1800, "heartbeat_timeout_seconds": 5},
@@ -286,7 +283,7 @@ def test_the_timeouts_reach_jax_distributed(monkeypatch):
     # The CPU backend's exchange of devices between processes waits as long (in minutes).
     assert updates["jax_cpu_get_local_topology_timeout_minutes"] == 30
     assert updates["jax_cpu_get_global_topology_timeout_minutes"] == 31
-    multihost.initialize(multihost.Cluster.from_env({"DISTRIBUTED": "auto", "STARTUP_TIMEOUT": "90"}))
+    cluster.initialize(Cluster.from_env({"DISTRIBUTED": "auto", "STARTUP_TIMEOUT": "90"}))
     assert calls[-1] == ((), {"initialization_timeout": 90, "heartbeat_timeout_seconds": 100})
 
 
