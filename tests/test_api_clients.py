@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fake_engine import ServerThread
+from waits import HANG
 
 from serving.loading import registry_for
 from serving.settings import Settings
@@ -38,7 +39,7 @@ def server(rand_small):
 
     srv = ServerThread(settings, registry, build).start()
     try:
-        srv.wait_for(lambda: srv.get("/health")[0] == 200, 1800, "/health 200")
+        srv.wait_for(lambda: srv.get("/health")[0] == 200, HANG, "/health 200")
         yield srv
     finally:
         assert srv.shutdown() == 0
@@ -54,7 +55,7 @@ def stream(server, path: str, body: dict) -> list[dict]:
         server.url + path, json.dumps(body | {"stream": True}).encode(), {"Content-Type": "application/json"}
     )
     chunks = []
-    with urllib.request.urlopen(request, timeout=600) as r:
+    with urllib.request.urlopen(request, timeout=HANG) as r:
         for line in r:
             line = line.decode().strip()
             if line.startswith("data: ") and line != "data: [DONE]":
