@@ -22,7 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_engine import LoadResult, drive, make_requests, synthetic_tokenizer  # noqa: E402
+from benchmarks.bench_engine import (  # noqa: E402
+    LoadResult,
+    add_load_args,
+    drive,
+    make_requests,
+    synthetic_tokenizer,
+)
 from benchmarks.common import gpt2_124m, machine, random_params  # noqa: E402
 from serving.engine import BatchEngine  # noqa: E402
 from serving.engine_api import GenerationRequest  # noqa: E402
@@ -44,12 +50,7 @@ def run(engine: BatchEngine, requests: list[GenerationRequest], concurrency: int
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--sequential", type=int, default=4, help="requests timed one after another")
-    ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--slots", type=int, default=None, help="default: the engine's default")
-    ap.add_argument("--chunk", type=int, default=None, help="default: the engine's default")
+    add_load_args(ap)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)
 

@@ -197,14 +197,19 @@ def sweep(args, config, params, tokenizer) -> None:
         e.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_load_args(ap: argparse.ArgumentParser) -> None:
+    """The load's options, shared with bench_batch_invariance."""
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--sequential", type=int, default=4, help="requests timed one after another")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--slots", type=int, default=None, help="default: the engine's default")
     ap.add_argument("--chunk", type=int, default=None, help="default: the engine's default")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_load_args(ap)
     ap.add_argument("--hf-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--sweep", action="store_true", help="measure slots x chunk settings instead")

@@ -39,6 +39,22 @@ def train_tokenizer(out_dir: pathlib.Path, vocab_size: int = TINY_VOCAB) -> path
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def compiles():
+    """Backend compilations seen since the module started (a list of durations)."""
+    import jax.monitoring
+
+    seen: list[float] = []
+
+    def listen(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> pathlib.Path:
     return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))

@@ -133,22 +133,6 @@ def lm(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def compiles():
-    """Backend compilations seen since the module started (a list of durations)."""
-    import jax.monitoring
-
-    seen: list[float] = []
-
-    def listen(event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    yield seen
-    jax.monitoring.unregister_event_duration_listener(listen)
-
-
-@pytest.fixture(scope="module")
 def engine(lm, compiles):
     eng = make_engine(lm)
     eng.warmup()

@@ -37,22 +37,6 @@ def test_split_puts_a_lone_short_request_first_and_scoring_last():
     assert len(now) == 5 and later == []
 
 
-@pytest.fixture(scope="module")
-def compiles():
-    """Backend compilations seen since the module started (a list of durations)."""
-    import jax.monitoring
-
-    seen: list[float] = []
-
-    def listen(event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    yield seen
-    jax.monitoring.unregister_event_duration_listener(listen)
-
-
 def test_a_server_is_ready_before_the_rest_compiles_and_then_needs_no_compiling(tiny_checkpoint, compiles):
     settings = Settings(slots=2, chunk_size=2)  # WARMUP=background, the default
     assert settings.warmup == "background"
