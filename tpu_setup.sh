@@ -7,7 +7,7 @@
 #
 # A slice of several hosts (v4-32, v5e-16, ...) is one SPMD program: run the same command on every host
 # at once with DISTRIBUTED=auto (JAX finds the hosts and their order); host 0 serves HTTP, the others
-# follow it (serving/multihost.py). Every host needs the model files, hence DOWNLOAD:
+# follow it (gpt2jax/engine/multihost.py). Every host needs the model files, hence DOWNLOAD:
 #   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \
 #     "cd gpt2jax && DISTRIBUTED=auto DOWNLOAD=1558M MODELS=1558M MESH=model:4 bash tpu_setup.sh"
 # Any other setting of prod.sh / README.md (PORT, SLOTS, DTYPE, ...) passes through the environment.

@@ -30,8 +30,8 @@ from benchmarks.bench_engine import (  # noqa: E402
     synthetic_tokenizer,
 )
 from benchmarks.common import gpt2_124m, machine, random_params  # noqa: E402
-from serving.engine import BatchEngine  # noqa: E402
-from serving.engine_api import GenerationRequest  # noqa: E402
+from gpt2jax.engine.api import GenerationRequest  # noqa: E402
+from gpt2jax.engine.engine import BatchEngine  # noqa: E402
 
 
 def run(engine: BatchEngine, requests: list[GenerationRequest], concurrency: int) -> tuple[LoadResult, list]:

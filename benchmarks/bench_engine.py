@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import gpt2_124m, hf_model, machine, random_params  # noqa: E402
+from gpt2jax.engine.api import Event, GenerationRequest  # noqa: E402
+from gpt2jax.engine.engine import BatchEngine  # noqa: E402
 from gpt2jax.tokenizer import GPT2Tokenizer, bytes_to_unicode  # noqa: E402
-from serving.engine import BatchEngine  # noqa: E402
-from serving.engine_api import Event, GenerationRequest  # noqa: E402
 
 Stream = Callable[[GenerationRequest], AsyncIterator[Event]]
 

@@ -18,9 +18,9 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from gpt2jax.cluster import Cluster, ClusterError, initialize
 from serving import multihost
 from serving.app import create_app
-from serving.cluster import Cluster, initialize
 from serving.context import EXTENSION
 from serving.engines import build_engine
 from serving.loading import EngineBuilder, NoModelError, discover_models, load_all, registry_for, stop_all
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(env)
         cluster = Cluster.from_env(env)
-    except SettingsError as e:
+    except (SettingsError, ClusterError) as e:
         print(f"gpt2jax-serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warning = exposure_warning(settings)
     if warning:
         log.warning(warning)
-    if cluster.enabled:  # process 0 serves HTTP and drives the others (serving/multihost.py)
+    if cluster.enabled:  # process 0 serves HTTP and drives the others (gpt2jax/engine/multihost.py)
         # Every program compiled before the first collective (see multihost's docstring).
         settings = dataclasses.replace(settings, warmup="all")
         serve_http = lambda build: asyncio.run(serve(settings, registry, build))

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from quart import Quart, g, request
 from quart.wrappers import Response
 
+from gpt2jax.engine.api import Engine
 from serving import (
     auth,
     cors,
@@ -21,7 +22,6 @@ from serving import (
     routes_tokenize,
 )
 from serving.context import EXTENSION, ServerState
-from serving.engine_api import Engine
 from serving.errors import register_error_handlers
 from serving.metrics import Metrics
 from serving.playground import register_playground

@@ -6,10 +6,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from gpt2jax.engine.api import Engine, GenerationRequest, TokenLogprob
 from gpt2jax.tokenizer import EOS_TOKEN, GPT2Tokenizer
 from serving.chat_schemas import ChatRequest
 from serving.completions import new_id
-from serving.engine_api import Engine, GenerationRequest, TokenLogprob
 from serving.generation import (
     ChoiceState,
     Primed,

@@ -8,8 +8,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from gpt2jax.engine.api import Engine, TokenLogprob
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.engine_api import Engine, TokenLogprob
 from serving.generation import (
     ChoiceState,
     Primed,

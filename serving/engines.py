@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from gpt2jax.engine.api import Engine
 from gpt2jax.lm import LanguageModel
-from serving.engine_api import Engine
 from serving.settings import Settings
 
 
 def build_engine(model: LanguageModel, settings: Settings) -> Engine:
-    """serving.engine's continuous-batching engine for `model`, not yet warmed up or started.
+    """gpt2jax.engine.engine's continuous-batching engine for `model`, not yet warmed up or started.
 
     Imported here, not at the top: it pulls in the engine's jitted programs, which tests of the HTTP
     layer (over fake engines) never need. JAX's persistent compilation cache is turned on, so that a
     restarted server loads its compiled programs from disk ($JAX_CACHE_DIR, else ~/.cache/gpt2jax/jax).
     """
-    from serving.engine import BatchEngine, enable_compilation_cache
+    from gpt2jax.engine.engine import BatchEngine, enable_compilation_cache
 
     enable_compilation_cache()
     return BatchEngine.from_model(

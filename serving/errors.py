@@ -9,7 +9,7 @@ from typing import Any
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from serving.engine_api import EngineError, EngineOverloaded
+from gpt2jax.engine.api import EngineError, EngineOverloaded
 
 log = logging.getLogger("serving")
 

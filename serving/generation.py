@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
-from serving.engine_api import Engine, Event, GenerationRequest, TokenLogprob
+from gpt2jax.engine.api import Engine, Event, GenerationRequest, TokenLogprob
 from serving.errors import APIError, from_engine_error, internal_error, invalid
 from serving.schemas import Sampling
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import weakref
 
+from gpt2jax.engine.api import Engine
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.engine_api import Engine
 from serving.errors import APIError, invalid
 
 _LONGEST: weakref.WeakKeyDictionary[GPT2Tokenizer, int] = weakref.WeakKeyDictionary()

@@ -12,9 +12,9 @@ from typing import Any
 
 import gpt2jax
 from gpt2jax.config import GPT2Config
+from gpt2jax.engine.api import Engine
 from gpt2jax.lm import LanguageModel, resolve_checkpoint
 from serving.chat_template import load_template
-from serving.engine_api import Engine
 from serving.registry import FAILED, READY, WARMING, ModelRegistry, ServedModel
 from serving.settings import Settings
 
@@ -124,7 +124,7 @@ async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBui
             log.info("warming up %s", m.name)
             # Both in a thread, so that /health keeps answering: warm-up compiles, start allocates the
             # KV cache and starts the engine's worker thread. WARMUP=background: the engine compiles
-            # the rest of its programs after /health turns 200 (serving/engine_warmup.py).
+            # the rest of its programs after /health turns 200 (gpt2jax/engine/warmup.py).
             await _call(engine.warmup, thread=True, **_warmup_options(engine, settings))
             await _call(engine.start, thread=True)
             m.status = READY

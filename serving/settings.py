@@ -39,7 +39,7 @@ class Settings:
     # BATCH_INVARIANT: a request's tokens do not depend on what runs beside it (slower; README, "Seeds and batch invariance")
     batch_invariant: bool = False
     # WARMUP: "background" compiles what a lone short request needs before /health turns 200 and the
-    # other programs while serving (serving/engine_warmup.py); "all" compiles every program first.
+    # other programs while serving (gpt2jax/engine/warmup.py); "all" compiles every program first.
     warmup: str = "background"
     log_level: str = "INFO"  # LOG_LEVEL
 

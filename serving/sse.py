@@ -9,7 +9,7 @@ from typing import Any
 
 from quart import Response
 
-from serving.engine_api import EngineError, EngineOverloaded
+from gpt2jax.engine.api import EngineError, EngineOverloaded
 from serving.errors import APIError, from_engine_error, internal_error
 
 log = logging.getLogger("serving")

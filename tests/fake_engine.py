@@ -1,4 +1,4 @@
-"""Engines for the HTTP tests (implementing serving.engine_api.Engine), and a real server to run them in.
+"""Engines for the HTTP tests (implementing gpt2jax.engine.api.Engine), and a real server to run them in.
 
 FakeEngine: a real LanguageModel, one request at a time, all tokens of a request sampled in one call and
 then handed out as events, so its outputs are the model's own (stop strings, logprobs, echo scores).
@@ -23,10 +23,10 @@ import numpy as np
 from waits import HANG
 
 from gpt2jax import sampling
+from gpt2jax.engine.api import EngineError, EngineOverloaded, Event, GenerationRequest, TokenLogprob
+from gpt2jax.engine.choice import choice_for, find_stop
 from gpt2jax.lm import LanguageModel, derive_seed
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.engine_api import EngineError, EngineOverloaded, Event, GenerationRequest, TokenLogprob
-from serving.engine_choice import choice_for, find_stop
 
 
 def events_for(

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_engine import mixed_requests, run_batched, summary  # noqa: E402
 
 import gpt2jax  # noqa: E402
+from gpt2jax.engine.engine import BatchEngine  # noqa: E402
 from gpt2jax.model import forward, init_cache  # noqa: E402
 from gpt2jax.sampling import make_params  # noqa: E402
 from gpt2jax.sharding import make_mesh  # noqa: E402
-from serving.engine import BatchEngine  # noqa: E402
 
 PROMPTS = [
     "The",

@@ -27,7 +27,7 @@ EOS = "<|endoftext|>"
 
 @pytest.fixture(scope="module")
 def server(rand_small):
-    from serving.engine import BatchEngine
+    from gpt2jax.engine.engine import BatchEngine
 
     settings = Settings(max_n=4, max_tokens=256)
     registry = registry_for([SHIPPED, Path(rand_small)], settings)

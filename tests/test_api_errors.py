@@ -13,7 +13,7 @@ import pytest
 from fake_engine import ScriptedEngine, ServerThread
 from waits import HANG
 
-from serving.engine_api import EngineOverloaded
+from gpt2jax.engine.api import EngineOverloaded
 from serving.registry import ModelRegistry
 from serving.settings import Settings
 

@@ -8,8 +8,8 @@ import logging
 import pytest
 from fake_engine import ScriptedEngine, call, make_app, sse_payloads
 
+from gpt2jax.engine.api import EngineError, EngineOverloaded
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.engine_api import EngineError, EngineOverloaded
 from serving.openapi import build_spec
 from serving.registry import LOADING, SHIPPED_DIR, ModelRegistry, ServedModel, owner_of
 from serving.schemas import COMPLETION_FIELDS

@@ -28,7 +28,7 @@ LEGACY_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "
 
 def batch_engine(model):
     """The production engine, warmed up for the short prompts of these tests only (compiling is slow)."""
-    from serving.engine import BatchEngine
+    from gpt2jax.engine.engine import BatchEngine
 
     engine = BatchEngine.from_model(model, slots=8)
     engine.warmup = lambda: BatchEngine.warmup(engine, buckets=(16, 32))

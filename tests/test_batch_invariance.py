@@ -106,7 +106,7 @@ def together_and_alone(checkpoint: str) -> dict:
     from fake_engine import make_app
 
     import gpt2jax
-    from serving.engine import BatchEngine
+    from gpt2jax.engine.engine import BatchEngine
 
     lm = gpt2jax.load(checkpoint)
     engine = BatchEngine.from_model(
@@ -156,12 +156,12 @@ def check(out: dict) -> None:
 def test_the_setting_reaches_the_engine(monkeypatch):
     import pytest
 
-    import serving.engine
+    import gpt2jax.engine.engine
     from serving.engines import build_engine
     from serving.settings import Settings, SettingsError
 
-    monkeypatch.setattr(serving.engine, "enable_compilation_cache", lambda: None)
-    monkeypatch.setattr(serving.engine.BatchEngine, "from_model", lambda model, **options: options)
+    monkeypatch.setattr(gpt2jax.engine.engine, "enable_compilation_cache", lambda: None)
+    monkeypatch.setattr(gpt2jax.engine.engine.BatchEngine, "from_model", lambda model, **options: options)
     assert build_engine(None, Settings.from_env({"BATCH_INVARIANT": "true"}))["batch_invariant"] is True
 
     assert Settings.from_env({}).batch_invariant is False  # the fast path by default
@@ -172,7 +172,7 @@ def test_the_setting_reaches_the_engine(monkeypatch):
 
 
 def test_batch_invariant_programs_have_one_shape_each():
-    from serving.engine_shapes import decode_row_counts, decode_windows, prefill_row_counts
+    from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_row_counts
 
     assert decode_windows(128, 1024) == (128, 256, 512, 1024) and decode_windows(128, 1024, True) == (1024,)
     assert decode_row_counts(16) == (1, 4, 16) and decode_row_counts(16, True) == (16,)

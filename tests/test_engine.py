@@ -1,4 +1,4 @@
-"""The continuous-batching engine (serving/engine.py) on the tiny random checkpoint.
+"""The continuous-batching engine (gpt2jax/engine/engine.py) on the tiny random checkpoint.
 
 One engine (8 slots, chunks of 4 steps) serves most tests, so that compiling happens once. Run as a script
 (`python tests/test_engine.py CHECKPOINT`), this file prints the mixed workload's results as JSON: the test
@@ -22,9 +22,9 @@ import numpy as np
 from waits import HANG
 
 import gpt2jax
-from serving.engine import BatchEngine, EngineFault
-from serving.engine_api import EngineError, EngineOverloaded, GenerationRequest
-from serving.engine_choice import ChoiceStream, holdback
+from gpt2jax.engine.api import EngineError, EngineOverloaded, GenerationRequest
+from gpt2jax.engine.choice import ChoiceStream, holdback
+from gpt2jax.engine.engine import BatchEngine, EngineFault
 
 SLOTS, CHUNK = 8, 4
 PROMPTS = [
@@ -255,7 +255,7 @@ def test_eight_devices_match_one(tiny_checkpoint, mixed, tmp_path):
 def main(checkpoint: str, cache_dir: str) -> None:
     import jax
 
-    from serving.engine import enable_compilation_cache
+    from gpt2jax.engine.engine import enable_compilation_cache
 
     enable_compilation_cache(cache_dir)
     lm = gpt2jax.load(checkpoint)
@@ -543,7 +543,7 @@ def test_two_engines_serve_side_by_side(lm, engine, mixed):
 def test_metrics(lm, engine, mixed):
     from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-    from serving.engine_metrics import EngineCollector
+    from gpt2jax.engine.metrics import EngineCollector
 
     m = engine.metrics
     assert m.tokens_generated > 0 and m.ttft.count > 0 and m.step_time.count > 0

@@ -1,4 +1,4 @@
-"""Warm-up in two parts (serving/engine_warmup.py): what a lone short request needs before the engine is
+"""Warm-up in two parts (gpt2jax/engine/warmup.py): what a lone short request needs before the engine is
 ready, the other programs on a background thread; and the WARMUP setting that picks it for a server."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from test_engine import collect
 from waits import HANG
 
 import gpt2jax
-from serving.engine import BatchEngine
-from serving.engine_api import GenerationRequest
-from serving.engine_warmup import split
+from gpt2jax.engine.api import GenerationRequest
+from gpt2jax.engine.engine import BatchEngine
+from gpt2jax.engine.warmup import split
 from serving.loading import load_all, registry_for
 from serving.registry import READY
 from serving.settings import Settings, SettingsError

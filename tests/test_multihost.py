@@ -1,4 +1,4 @@
-"""Several processes as one server (serving/multihost.py).
+"""Several processes as one server (gpt2jax/engine/multihost.py).
 
 The end-to-end test starts two `python -m serving` processes on loopback joined by jax.distributed (two CPU
 devices each: a data 2 x model 2 mesh whose data axis spans the processes and whose model axis is tensor
@@ -25,10 +25,10 @@ from test_api_prod import free_port, get
 from waits import HANG
 
 import gpt2jax
-from serving import cluster, multihost
-from serving.cluster import Cluster
-from serving.engine_device import make_row
-from serving.settings import SettingsError
+from gpt2jax import cluster
+from gpt2jax.cluster import Cluster, ClusterError
+from gpt2jax.engine import multihost
+from gpt2jax.engine.device import make_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_cluster_settings():
         ({"DISTRIBUTED": "auto", "STARTUP_TIMEOUT": "1.5"}, "STARTUP_TIMEOUT"),
     ]
     for env, message in bad:
-        with pytest.raises(SettingsError, match=message):
+        with pytest.raises(ClusterError, match=message):
             Cluster.from_env(env)
 
 

@@ -92,8 +92,8 @@ def test_slow_stream_reader_does_not_slow_other_clients(tiny_checkpoint, monkeyp
     Linux's autotuned buffers a whole stream of this small model would just sit in the kernel.
     """
     import gpt2jax
+    from gpt2jax.engine.engine import BatchEngine
     from serving import send_timeout
-    from serving.engine import BatchEngine
     from serving.registry import ModelRegistry
     from serving.settings import Settings
 
@@ -154,9 +154,9 @@ def test_a_hung_up_waiting_request_leaves_the_queue_at_once(tiny_checkpoint):
     import asyncio
 
     import gpt2jax
-    from serving.engine import BatchEngine
-    from serving.engine_api import EngineOverloaded, GenerationRequest
-    from serving.engine_job import Job
+    from gpt2jax.engine.api import EngineOverloaded, GenerationRequest
+    from gpt2jax.engine.engine import BatchEngine
+    from gpt2jax.engine.job import Job
 
     model = gpt2jax.load(tiny_checkpoint)
     engine = BatchEngine.from_model(model, slots=2, max_queue=1)  # not started: jobs stay queued

@@ -1,4 +1,4 @@
-"""How a serving process joins the others of a multi-process server (serving/multihost.py): the settings
+"""How a serving process joins the others of a multi-process server (gpt2jax/engine/multihost.py): the settings
 and jax.distributed's initialization.
 
 Settings (environment; all processes get the same ones except PROCESS_ID):
@@ -18,9 +18,11 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 
-from serving.settings import SettingsError
+log = logging.getLogger("gpt2jax.cluster")
 
-log = logging.getLogger("serving.multihost")
+
+class ClusterError(ValueError):
+    """A cluster setting is missing or malformed; the message names the variable."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Cluster:
         get = lambda name: (env.get(name) or "").strip()
         mode, address = get("DISTRIBUTED").lower(), get("COORDINATOR_ADDRESS")
         if mode not in ("", "auto", "0", "off"):
-            raise SettingsError(f"DISTRIBUTED={mode!r}: expected auto (or leave it unset)")
+            raise ClusterError(f"DISTRIBUTED={mode!r}: expected auto (or leave it unset)")
         timeouts = dict(
             heartbeat_timeout=_seconds(get, "HEARTBEAT_TIMEOUT", cls.heartbeat_timeout),
             startup_timeout=_seconds(get, "STARTUP_TIMEOUT", cls.startup_timeout),
@@ -54,30 +56,30 @@ class Cluster:
             return cls(auto=True, **timeouts)
         if not address:
             if get("NUM_PROCESSES") not in ("", "1") or get("PROCESS_ID") not in ("", "0"):
-                raise SettingsError(
+                raise ClusterError(
                     "NUM_PROCESSES and PROCESS_ID need COORDINATOR_ADDRESS (host:port of process 0)"
                 )
             return cls()
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise SettingsError(f"COORDINATOR_ADDRESS={address!r}: expected host:port")
+            raise ClusterError(f"COORDINATOR_ADDRESS={address!r}: expected host:port")
         n, pid = _int(get, "NUM_PROCESSES"), _int(get, "PROCESS_ID")
         if n < 1 or not 0 <= pid < n:
-            raise SettingsError(f"PROCESS_ID={pid}: expected 0..NUM_PROCESSES-1 ({n - 1})")
+            raise ClusterError(f"PROCESS_ID={pid}: expected 0..NUM_PROCESSES-1 ({n - 1})")
         return cls(address, n, pid, **timeouts)
 
 
 def _int(get: Callable[[str], str], name: str) -> int:
     raw = get(name)
     if not raw.isdigit():
-        raise SettingsError(f"{name}={raw!r}: expected a whole number")
+        raise ClusterError(f"{name}={raw!r}: expected a whole number")
     return int(raw)
 
 
 def _seconds(get: Callable[[str], str], name: str, default: int) -> int:
     value = _int(get, name) if get(name) else default
     if value < 1:
-        raise SettingsError(f"{name}={value}: expected at least 1 (seconds)")
+        raise ClusterError(f"{name}={value}: expected at least 1 (seconds)")
     return value
 
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gpt2jax.engine.api import Event, GenerationRequest, TokenLogprob
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.engine_api import Event, GenerationRequest, TokenLogprob
 
 
 def holdback(text: str, stops: Sequence[str]) -> int:

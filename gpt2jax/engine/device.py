@@ -15,7 +15,7 @@ model 1 replicates them). Insert and decode are `shard_map`ped manually over "da
 updates and decodes only its own slots, so the data axis needs no collective, while inside a shard XLA's
 SPMD partitioner splits the model over the "model" axis (two all-reduces per layer). Prefill (one prompt)
 is replicated over "data" and split over "model". One code path serves 1 device, 8, and meshes that span
-several processes (serving/multihost.py then makes the outputs readable by the first process).
+several processes (gpt2jax/engine/multihost.py then makes the outputs readable by the first process).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from jax.sharding import PartitionSpec as P
 
 from gpt2jax import sampling
 from gpt2jax.config import GPT2Config
+from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_row_counts
 from gpt2jax.model import KVCache, forward, forward_last, init_cache
 from gpt2jax.sampler import PromptScores, prompt_scores, steps_until_done
 from gpt2jax.sharding import Layout, make_mesh
-from serving.engine_shapes import decode_row_counts, decode_windows, prefill_row_counts
 
 AXIS = "data"
 
@@ -180,7 +180,7 @@ class SlotPrograms:
     ) -> None:
         """params: placed by `layout` when one is given (as gpt2jax.load(..., mesh=...) does); otherwise
         checkpoint-layout params, replicated over `devices` (default: all) on the data axis.
-        batch_invariant: one decode shape, and prefill one prompt at a time (serving/engine_shapes.py)."""
+        batch_invariant: one decode shape, and prefill one prompt at a time (gpt2jax/engine/shapes.py)."""
         if layout is None:
             layout = Layout(make_mesh(devices=devices))
             params = layout.shard_params(params, config)
@@ -413,7 +413,7 @@ class SlotPrograms:
 
     def put(self, tree: Any, sharding: NamedSharding) -> Any:
         """Host values onto the mesh; with several processes each places its own devices' parts (every
-        process passes the same values, as serving/multihost.py arranges)."""
+        process passes the same values, as gpt2jax/engine/multihost.py arranges)."""
         if not self.multiprocess:
             return jax.device_put(tree, sharding)
         return jax.tree.map(

@@ -1,4 +1,4 @@
-"""The continuous-batching engine: one per served model, implementing `serving.engine_api.Engine`.
+"""The continuous-batching engine: one per served model, implementing `gpt2jax.engine.api.Engine`.
 
 A fixed number of decode slots share one preallocated KV cache. A worker thread loops: admit waiting
 requests into free slots (prefill, insert), dispatch one decode chunk for all slots, then read the previous
@@ -23,17 +23,17 @@ import jax
 import jax.numpy as jnp
 
 from gpt2jax.config import GPT2Config
+from gpt2jax.engine.api import EngineError, Event, GenerationRequest
+from gpt2jax.engine.device import SlotPrograms, enable_compilation_cache
+from gpt2jax.engine.job import END, Job
+from gpt2jax.engine.metrics import EngineMetrics, publish, unpublish
+from gpt2jax.engine.warmup import BackgroundCompile, split
+from gpt2jax.engine.worker import EngineFault, SlotWorker
 from gpt2jax.lm import LanguageModel
 from gpt2jax.sampler import MIN_BUCKET, bucket
 from gpt2jax.sampling import NUM_TOP_LOGPROBS
 from gpt2jax.sharding import Layout
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.engine_api import EngineError, Event, GenerationRequest
-from serving.engine_device import SlotPrograms, enable_compilation_cache
-from serving.engine_job import END, Job
-from serving.engine_metrics import EngineMetrics, publish, unpublish
-from serving.engine_warmup import BackgroundCompile, split
-from serving.engine_worker import EngineFault, SlotWorker
 
 __all__ = ["BatchEngine", "EngineFault", "default_chunk_size", "default_slots", "enable_compilation_cache"]
 
@@ -101,7 +101,7 @@ class BatchEngine:
     compiled for (windows double up to n_ctx; each chunk uses the smallest that holds its live rows).
     batch_invariant: every decode runs all slots over the whole context and every prefill one prompt, so
     that a request's tokens and logprobs do not depend on what runs beside it (at a cost: README, "Seeds
-    and batch invariance"; serving/engine_shapes.py).
+    and batch invariance"; gpt2jax/engine/shapes.py).
     `programs` (the compiled device side) and `worker` (the thread and slot table) are exposed for tests.
     """
 
@@ -172,7 +172,7 @@ class BatchEngine:
         Nothing runs on the device, so this is safe at any time; with `enable_compilation_cache` a
         restart loads the programs from disk instead. score_prompt also compiles the echo-logprobs prefill.
         background: compile only what a lone short request needs before returning, and the rest on a
-        thread (`compiling`; serving/engine_warmup.py); a request that needs one of those before it is
+        thread (`compiling`; gpt2jax/engine/warmup.py); a request that needs one of those before it is
         compiled compiles it itself.
         """
         chosen = self.buckets if buckets is None else sorted({bucket(b, self.n_ctx) for b in buckets})

@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING, NamedTuple
 import jax
 import numpy as np
 
+from gpt2jax.engine.api import EngineOverloaded
+from gpt2jax.engine.choice import ChoiceStream
+from gpt2jax.engine.device import Prefilled, SlotPrograms, make_row
+from gpt2jax.engine.job import Job
 from gpt2jax.lm import derive_seed
 from gpt2jax.sampler import bucket
 from gpt2jax.sampling import NUM_TOP_LOGPROBS, SampleOutput
-from serving.engine_api import EngineOverloaded
-from serving.engine_choice import ChoiceStream
-from serving.engine_device import Prefilled, SlotPrograms, make_row
-from serving.engine_job import Job
 
 if TYPE_CHECKING:
-    from serving.engine import BatchEngine
+    from gpt2jax.engine.engine import BatchEngine
 
-log = logging.getLogger("serving.engine")
+log = logging.getLogger("gpt2jax.engine.engine")
 
 
 class EngineFault(RuntimeError):

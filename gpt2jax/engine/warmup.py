@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-log = logging.getLogger("serving.engine")
+log = logging.getLogger("gpt2jax.engine.engine")
 
 # Tokens: once the engine is ready, a lone request with a prompt up to this long (and prompt + max_tokens
 # within the smallest decode window) needs no compiling.

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
+from gpt2jax.engine.api import Event, GenerationRequest, TokenLogprob
+from gpt2jax.engine.choice import choice_for
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.engine_api import Event, GenerationRequest, TokenLogprob
-from serving.engine_choice import choice_for
 
 END = object()  # the last item of a job's queue
 
