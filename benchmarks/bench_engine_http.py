@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_engine import drive, hf_load, make_requests, synthetic_tokenizer  # noqa: E402
 from benchmarks.common import gpt2_124m, hf_model, machine, random_params  # noqa: E402
-from gpt2jax.checkpoint import save_params  # noqa: E402
+from gpt2jax.checkpoint_save import save_params  # noqa: E402
 from gpt2jax.engine.api import Event, GenerationRequest  # noqa: E402
 
 

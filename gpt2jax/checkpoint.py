@@ -1,10 +1,6 @@
-"""Loads and saves GPT-2 weights: the only module that knows disk formats.
+"""Loads GPT-2 weights: with checkpoint_save, the only modules that know disk formats.
 
-In memory, params are a plain nested dict of numpy arrays named as in OpenAI's checkpoint:
-``{"wte", "wpe", "h0": {"ln_1": {"g", "b"}, "attn": {"c_attn": {"w", "b"}, ...}, ...}, "ln_f"}``,
-with dense weights ``w`` laid out [in, out] (as Hugging Face's Conv1D already stores them).
-
-On disk, three layouts are read:
+Three layouts are read (names and shapes of the tensors: checkpoint_layout):
 
 - Hugging Face: ``config.json`` + ``model.safetensors`` (or sharded, with ``model.safetensors.index.json``),
   or ``pytorch_model.bin`` when unpickling is allowed. This is also the layout ``save_params`` writes.
@@ -18,79 +14,33 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from gpt2jax.config import GPT2Config
-from gpt2jax.tf_checkpoint import (
-    TFCheckpointError,
-    TFCheckpointReader,
-    latest_checkpoint,
-    write_tf_checkpoint,
+from gpt2jax.checkpoint_layout import (
+    HF_PICKLE,
+    HF_SAFETENSORS,
+    HF_SHARD_INDEX,
+    OPENAI_PREFIX,
+    CheckpointError,
+    Params,
+    Path,
+    hf_name,
+    openai_name,
+    openai_shape,
+    param_shapes,
 )
+from gpt2jax.config import GPT2Config
+from gpt2jax.tf_checkpoint import TFCheckpointError, TFCheckpointReader, latest_checkpoint
 
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, incomplete, corrupt, or does not match its config."""
-
-
-Params = dict[str, Any]
-Path = tuple[str, ...]  # a leaf's keys in the param tree, e.g. ("h0", "attn", "c_attn", "w")
-
-HF_SAFETENSORS = "model.safetensors"
-HF_SHARD_INDEX = "model.safetensors.index.json"
-HF_PICKLE = "pytorch_model.bin"
-OPENAI_PREFIX = "model.ckpt"
 # Above this many bytes of weights, loading shows a progress bar.
 PROGRESS_MIN_BYTES = 100 << 20
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_HF_LEAF = {"w": "weight", "g": "weight", "b": "bias"}
 # Non-parameter buffers that transformers versions have saved alongside GPT-2's weights.
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
-
-
-def param_shapes(config: GPT2Config) -> dict[Path, tuple[int, ...]]:
-    """Every leaf of the param tree with its shape."""
-    e, v, c = config.n_embd, config.n_vocab, config.n_ctx
-    shapes: dict[Path, tuple[int, ...]] = {("wte",): (v, e), ("wpe",): (c, e)}
-    for i in range(config.n_layer):
-        h = f"h{i}"
-        for ln in ("ln_1", "ln_2"):
-            shapes[(h, ln, "g")] = shapes[(h, ln, "b")] = (e,)
-        for sub, layer, n_in, n_out in (
-            ("attn", "c_attn", e, 3 * e),
-            ("attn", "c_proj", e, e),
-            ("mlp", "c_fc", e, 4 * e),
-            ("mlp", "c_proj", 4 * e, e),
-        ):
-            shapes[(h, sub, layer, "w")] = (n_in, n_out)
-            shapes[(h, sub, layer, "b")] = (n_out,)
-    shapes[("ln_f", "g")] = shapes[("ln_f", "b")] = (e,)
-    return shapes
-
-
-def hf_name(path: Path) -> str:
-    """("h3", "attn", "c_attn", "w") -> "h.3.attn.c_attn.weight" (without the "transformer." prefix)."""
-    if len(path) == 1:  # wte, wpe
-        return f"{path[0]}.weight"
-    head = f"h.{path[0][1:]}" if path[0] != "ln_f" else "ln_f"
-    return ".".join((head, *path[1:-1], _HF_LEAF[path[-1]]))
-
-
-def openai_name(path: Path) -> str:
-    return "model/" + "/".join(path)
-
-
-def _openai_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
-    # OpenAI's conv1d weights are [1, in, out]: a width-1 convolution.
-    return (1, *shape) if path[-1] == "w" else shape
-
-
-# --- reading ----------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -335,7 +285,7 @@ def load_params(
             if not os.path.isfile(prefix + ".index"):
                 raise CheckpointError(_expected_files_message(path))
             tensors = _tf_tensors(prefix)
-            disk_shapes = {p: _openai_shape(p, s) for p, s in param_shapes(config).items()}
+            disk_shapes = {p: openai_shape(p, s) for p, s in param_shapes(config).items()}
             names = {p: [openai_name(p)] for p in disk_shapes}
             # Fine-tuning scripts leave optimizer state (".../Adam", "beta1_power", "global_step") behind.
             ignored = lambda n: not n.startswith("model/") or "/Adam" in n
@@ -354,135 +304,3 @@ def load_params(
         total = sum(os.path.getsize(f) for f in {t.file for t in tensors.values()})
         show = progress and total > PROGRESS_MIN_BYTES
         return config, _gather(tensors, names, disk_shapes, config, config_file, dtype, show)
-
-
-# --- writing ----------------------------------------------------------------------------------------
-
-# Tokenizer files: our (Hugging Face) name, then OpenAI's name for the same file.
-_TOKENIZER_FILES = (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe"))
-_TOKENIZER_OPTIONAL = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _leaves(tree: Params, prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
-
-
-def _checked_leaves(config: GPT2Config, params: Params) -> dict[Path, np.ndarray]:
-    """The params as numpy arrays by path, after checking they are exactly the tree the config implies."""
-    leaves = dict(_leaves(params))
-    shapes = param_shapes(config)
-    missing = [p for p in shapes if p not in leaves]
-    extra = [p for p in leaves if p not in shapes]
-    if missing or extra:
-        raise CheckpointError(
-            f"params do not match the config: missing {['/'.join(p) for p in missing[:5]]}, "
-            f"unexpected {['/'.join(p) for p in extra[:5]]}"
-        )
-    out = {}
-    for path, shape in shapes.items():
-        arr = np.asarray(leaves[path])  # also brings jax arrays to the host
-        if arr.shape != shape:
-            raise CheckpointError(
-                f"params: {'/'.join(path)} has shape {arr.shape}, the config implies {shape}"
-            )
-        if arr.dtype.name not in ("float16", "bfloat16", "float32"):
-            arr = arr.astype(np.float32)
-        out[path] = np.ascontiguousarray(arr)
-    return out
-
-
-def _replace_atomically(dst: str, write: Callable[[str], None]) -> None:
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_json(dst: str, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    _replace_atomically(dst, write)
-
-
-def _copy_tokenizer(src: str | os.PathLike, dst: str, openai: bool) -> None:
-    src = os.fspath(src)
-    for names in _TOKENIZER_FILES:
-        found = next((os.path.join(src, n) for n in names if os.path.isfile(os.path.join(src, n))), None)
-        if found is None:
-            raise CheckpointError(f"{src}: no tokenizer file {' or '.join(names)}")
-        _replace_atomically(
-            os.path.join(dst, names[openai]), lambda tmp, found=found: shutil.copyfile(found, tmp)
-        )
-    if not openai:
-        for name in _TOKENIZER_OPTIONAL:
-            if os.path.isfile(os.path.join(src, name)):
-                copy = lambda tmp, name=name: shutil.copyfile(os.path.join(src, name), tmp)
-                _replace_atomically(os.path.join(dst, name), copy)
-
-
-def save_params(
-    path: str | os.PathLike,
-    config: GPT2Config,
-    params: Params,
-    *,
-    tokenizer_dir: str | os.PathLike | None = None,
-) -> None:
-    """Saves in the Hugging Face layout, which transformers' ``GPT2LMHeadModel.from_pretrained`` loads.
-
-    Writes ``model.safetensors`` (float16/bfloat16/float32 as given, other dtypes as float32), the
-    tokenizer files from ``tokenizer_dir`` (OpenAI's encoder.json/vocab.bpe are renamed), and
-    ``config.json`` last, so a folder with a config.json is complete. Every file is written under a
-    temporary name and renamed.
-    """
-    from safetensors.numpy import save_file
-
-    path = os.fspath(path)
-    leaves = _checked_leaves(config, params)
-    os.makedirs(path, exist_ok=True)
-    # Like transformers' own save_pretrained: no lm_head.weight, since it is tied to wte.
-    tensors = {"transformer." + hf_name(p): arr for p, arr in leaves.items()}
-    _replace_atomically(
-        os.path.join(path, HF_SAFETENSORS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
-    )
-    if tokenizer_dir is not None:
-        _copy_tokenizer(tokenizer_dir, path, openai=False)
-    hf_config = config.to_hf_config()
-    hf_config["dtype"] = leaves[("wte",)].dtype.name
-    _write_json(os.path.join(path, "config.json"), hf_config)
-
-
-def save_openai(
-    path: str | os.PathLike,
-    config: GPT2Config,
-    params: Params,
-    *,
-    tokenizer_dir: str | os.PathLike | None = None,
-) -> None:
-    """Saves in OpenAI's original layout: hparams.json, checkpoint, model.ckpt.index/.data-00000-of-00001,
-    and encoder.json + vocab.bpe from ``tokenizer_dir``.
-
-    Weights are stored as float32 under OpenAI's names (``model/h0/attn/c_attn/w``, dense weights as
-    [1, in, out]), which OpenAI's TensorFlow code restores. No ``.meta`` graph is written. hparams.json
-    comes last, so a folder that has it is complete.
-    """
-    path = os.fspath(path)
-    leaves = _checked_leaves(config, params)
-    os.makedirs(path, exist_ok=True)
-    tensors = {
-        openai_name(p): arr.astype(np.float32).reshape(_openai_shape(p, arr.shape))
-        for p, arr in leaves.items()
-    }
-    write_tf_checkpoint(os.path.join(path, OPENAI_PREFIX), tensors)
-    if tokenizer_dir is not None:
-        _copy_tokenizer(tokenizer_dir, path, openai=True)
-    _write_json(os.path.join(path, "hparams.json"), config.to_hparams())

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small byte-level BPE tokenizer and small random GPT-2 checkpoints in real formats.
+"""Shared fixtures: a small byte-level BPE tokenizer and small random GPT-2 checkpoints in real formats,
+and those loaded: the tokenizer (`tok`), the params (`tiny_params`) and the model (`tiny_model`).
 
 Nothing here downloads: the tokenizer is trained on the Python documentation text that ships with CPython
 (pydoc_data), and the weights are random, made by transformers' own GPT2LMHeadModel.
@@ -60,6 +61,14 @@ def tokenizer_dir(tmp_path_factory) -> pathlib.Path:
     return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    """The tiny tokenizer, loaded (a GPT2Tokenizer)."""
+    from gpt2jax.tokenizer import GPT2Tokenizer
+
+    return GPT2Tokenizer.from_dir(tokenizer_dir)
+
+
 def make_hf_checkpoint(
     out_dir: pathlib.Path,
     tokenizer_dir: pathlib.Path,
@@ -106,6 +115,36 @@ def make_hf_checkpoint(
 def tiny_checkpoint(tmp_path_factory, tokenizer_dir) -> pathlib.Path:
     """A 2-layer, 64-wide random GPT-2 in the Hugging Face layout."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny-gpt2"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_params(tiny_checkpoint):
+    """(config, params) of tiny_checkpoint, as checkpoint.load_params returns them."""
+    from gpt2jax.checkpoint import load_params
+
+    return load_params(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    """tiny_checkpoint loaded as gpt2jax.load does (a LanguageModel)."""
+    import gpt2jax
+
+    return gpt2jax.load(tiny_checkpoint)
+
+
+def assert_params_equal(a: dict, b: dict) -> None:
+    """Two param trees have the same leaves, each of the same dtype, shape and values."""
+    import numpy as np
+
+    from gpt2jax.checkpoint_layout import iter_leaves
+
+    leaves_a, leaves_b = dict(iter_leaves(a)), dict(iter_leaves(b))
+    assert sorted(leaves_a) == sorted(leaves_b)
+    for path, x in leaves_a.items():
+        y = leaves_b[path]
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        np.testing.assert_array_equal(x, y, err_msg=str(path))
 
 
 def gpt2_vocab_dir(out_dir: pathlib.Path) -> pathlib.Path:

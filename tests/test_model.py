@@ -10,7 +10,8 @@ import torch
 from conftest import make_hf_checkpoint
 
 import gpt2jax
-from gpt2jax.checkpoint import load_params, save_openai
+from gpt2jax.checkpoint import load_params
+from gpt2jax.checkpoint_save import save_openai
 from gpt2jax.model import forward, init_cache, init_params
 from gpt2jax.sampler import Sampler
 from gpt2jax.sampling import make_params
