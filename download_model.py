@@ -19,9 +19,9 @@ from gpt2jax.download import (
     OPENAI_DEFAULT_BASE_URL,
     OPENAI_FILES,
     OPENAI_FOLDERS,
-    DownloadError,
     download,
 )
+from gpt2jax.fetch import DownloadError
 
 _INDENT = " " * 18
 

@@ -171,3 +171,27 @@ def rand_small(tmp_path_factory) -> pathlib.Path:
     return make_hf_checkpoint(
         tmp_path_factory.mktemp("rand-small") / "rand-small", vocab, n_embd=128, n_layer=2, n_ctx=256
     )
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """A loopback HTTP server (fake_hosts.FakeHost) that HF_ENDPOINT and GPT2_OPENAI_BASE_URL point to."""
+    from fake_hosts import FakeHost
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for var in ("no_proxy", "NO_PROXY"):  # loopback must never go through a proxy
+        monkeypatch.setenv(var, "*")
+    h = FakeHost()
+    monkeypatch.setenv("HF_ENDPOINT", h.url)
+    monkeypatch.setenv("GPT2_OPENAI_BASE_URL", h.url)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def hub(host):
+    """`host` serving openai-community/gpt2 as the hub does; host.cdn is the path its weights redirect to."""
+    from fake_hosts import add_hub_repo, hub_files
+
+    host.cdn = add_hub_repo(host, "openai-community/gpt2", hub_files())["model.safetensors"]
+    return host

@@ -2,7 +2,7 @@
 requirements.txt`, `python3 download_model.py 117M`), and `bash prod.sh` serving the shipped model.
 
 download_model.py runs in a virtualenv with nothing installed, against a loopback mirror of the hub and of
-OpenAI's bucket (test_download_model's FakeHost). requirements.txt is checked through pip itself, without
+OpenAI's bucket (fake_hosts.FakeHost). requirements.txt is checked through pip itself, without
 installing (that takes minutes): it must install this project with exactly pyproject.toml's dependencies.
 
 For prod.sh the clone is made from the repository's committed HEAD. So that the test does not reinstall every
@@ -26,8 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_hosts import FakeHost, add_hub_repo, hub_files, openai_layout
 from test_api_prod import _tail, free_port, get
-from test_download_model import FakeHost, add_hub_repo, assert_clean_failure, hub_files, openai_layout
+from test_download_model import assert_clean_failure
 from waits import HANG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +195,8 @@ def test_a_mirror_without_the_file_is_blamed_not_the_name(bare_venv, mirror, tmp
 
 
 def test_a_mirror_without_the_weights_of_a_known_model(mirror, tmp_path, monkeypatch):
-    from gpt2jax.download import DownloadError, download
+    from gpt2jax.download import download
+    from gpt2jax.fetch import DownloadError
 
     monkeypatch.setenv("HF_ENDPOINT", mirror.url)
     monkeypatch.setenv("NO_PROXY", "*")
