@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gpt2jax.cluster import Cluster
-from gpt2jax.engine.multihost import Channel, follow, lead
+from gpt2jax.engine.multihost import follow, lead
+from gpt2jax.engine.wire import Channel
 
 log = logging.getLogger("serving.multihost")
 

@@ -1,4 +1,4 @@
-"""Several processes as one server (gpt2jax/engine/multihost.py).
+"""Several processes as one server (gpt2jax/engine/multihost.py, gpt2jax/engine/wire.py).
 
 The end-to-end test starts two `python -m serving` processes on loopback joined by jax.distributed (two CPU
 devices each: a data 2 x model 2 mesh whose data axis spans the processes and whose model axis is tensor
@@ -29,6 +29,8 @@ from gpt2jax import cluster
 from gpt2jax.cluster import Cluster, ClusterError
 from gpt2jax.engine import multihost
 from gpt2jax.engine.device import make_row
+from gpt2jax.engine.wire import INIT, NOOP, Channel, decode_row, encode_row
+from gpt2jax.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,12 +65,12 @@ def row(**kw):
         logit_bias={3: 2.5, 500: -100.0}, seed=2**63 + 12345,
     )  # fmt: skip
     settings.update(kw)
-    return make_row(7, 20, 511, True, 512, **settings)
+    return make_row(7, 511, SamplingParams(max_tokens=20, logprobs=1, **settings), 512)
 
 
 def test_a_slot_row_survives_the_broadcast_encoding():
-    for r in (row(), row(logit_bias=None, temperature=0.0, seed=0)):
-        back = multihost.decode_row(multihost.encode_row(r), 512)
+    for r in (row(), row(logit_bias=(), temperature=0.0, seed=0)):
+        back = decode_row(encode_row(r), 512)
         for a, b in zip(_leaves(r), _leaves(back), strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape
             np.testing.assert_array_equal(a, b)
@@ -93,7 +95,7 @@ class Recorder:
         return [f"prefilled {list(p)}" for p in prompts]
 
     def insert(self, state, pre, slot, r):
-        self.calls.append(("insert", state, pre, slot, multihost.encode_row(r)))
+        self.calls.append(("insert", state, pre, slot, encode_row(r)))
         return state + 1, None
 
     def decode(self, state, active, window, rows):
@@ -104,7 +106,7 @@ class Recorder:
 def test_followers_make_the_leaders_calls_in_its_order():
     wire: deque = deque()
     send = lambda x: (wire.append(np.array(x)), x)[1]
-    leader = multihost.Channel(send, is_leader=True)
+    leader = Channel(send, is_leader=True)
     programs = [Recorder("a"), Recorder("b")]
     led = [multihost.LeaderPrograms(p, i, leader) for i, p in enumerate(programs)]
     # What two engines' workers would do, interleaved.
@@ -116,10 +118,10 @@ def test_followers_make_the_leaders_calls_in_its_order():
     pre = led[1].prefill([[7], long_prompt], 512, False)
     sb, _ = led[1].insert(sb, pre[1], 0, row(logit_bias=None))  # the second prompt of the batch
     sa, _ = led[0].decode(sa, np.array([False, True]))  # no window nor rows: the largest
-    leader.send(multihost.NOOP)
+    leader.send(NOOP)
     leader.stop()
 
-    follower = multihost.Channel(lambda x: wire.popleft(), is_leader=False)
+    follower = Channel(lambda x: wire.popleft(), is_leader=False)
     followers = [Recorder("a"), Recorder("b")]
     multihost.follow(followers, follower)
     assert not wire
@@ -137,15 +139,15 @@ def test_each_process_meets_the_others_once_before_its_first_broadcast():
     seen: list = []
     wire: deque = deque()
     send = lambda x: (seen.append("broadcast"), wire.append(np.array(x)), x)[2]
-    leader = multihost.Channel(send, is_leader=True, meet=lambda: seen.append("met"))
-    leader.send(multihost.NOOP)
-    leader.send(multihost.INIT)
+    leader = Channel(send, is_leader=True, meet=lambda: seen.append("met"))
+    leader.send(NOOP)
+    leader.send(INIT)
     leader.stop()
     assert seen == ["met", "broadcast", "broadcast", "broadcast"]
 
     seen.clear()
     receive = lambda x: (seen.append("broadcast"), wire.popleft())[1]
-    follower = multihost.Channel(receive, is_leader=False, meet=lambda: seen.append("met"))
+    follower = Channel(receive, is_leader=False, meet=lambda: seen.append("met"))
     multihost.follow([Recorder("a")], follower)
     assert seen == ["met", "broadcast", "broadcast", "broadcast"] and not wire
 

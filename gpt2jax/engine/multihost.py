@@ -4,21 +4,10 @@ JAX is multi-controller: with a mesh spanning several processes, every process m
 jitted programs, in the same order, with the same host inputs. So every process loads the same models
 onto one global mesh and builds the same engines; process 0 also serves HTTP, and its engines' worker
 threads decide what runs (which request goes into which slot, with which settings; which slots are still
-live; when a slot is released). Before each device call, process 0 broadcasts the call to the others with
-`jax.experimental.multihost_utils.broadcast_one_to_all` (a JAX collective: an all-reduce over the mesh
-where only process 0 contributes), and the others, in `follow`, make the same call on their own copy of
-the engine state. Nothing else crosses between the processes: no home-made RPC. A call is two broadcasts:
-a fixed int32 header (what to call, and how many payload bytes follow), then the payload (prompt tokens,
-a slot's settings, the live-slot mask) padded to a power of two so that few broadcast shapes compile.
-
-While process 0 has nothing to run, it broadcasts a no-op every HEARTBEAT_SECONDS, so that the others
-never wait in a collective for long; on shutdown it broadcasts a stop, and the others exit.
-
-Start-up: the first collective between processes sets up their Gloo connection, and Gloo gives the
-others a fixed 30 s to arrive (not configurable from JAX): a process still loading or compiling its models
-then makes it fail. So every process first loads and compiles its models (warm-up runs nothing), then
-they meet at a barrier of JAX's coordination service (waiting up to STARTUP_TIMEOUT), and only then does
-the first broadcast run.
+live; when a slot is released). Before each device call, process 0 broadcasts the call to the others
+(LeaderPrograms, over gpt2jax/engine/wire.py's Channel), and the others, in `follow`, make the same call
+on their own copy of the engine state. Nothing else crosses between the processes: no home-made RPC.
+The wire format, the heartbeat and the start-up barrier: gpt2jax/engine/wire.py.
 
 Settings: gpt2jax/cluster.py (COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID, DISTRIBUTED,
 HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT).
@@ -27,188 +16,15 @@ HEARTBEAT_TIMEOUT, STARTUP_TIMEOUT).
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from gpt2jax.cluster import Cluster
+from gpt2jax.engine import wire
+from gpt2jax.engine.wire import Channel
 
 log = logging.getLogger("gpt2jax.engine.multihost")
-
-HEARTBEAT_SECONDS = 5.0
-STARTUP_BARRIER = "gpt2jax-serving-warm"  # every process reaches it once its models are compiled
-_HEADER = 8  # int32s: op, engine, a, b, nbytes, then unused
-NOOP, STOP, INIT, PREFILL, INSERT, DECODE = range(6)
-_MIN_PAYLOAD = 256
-
-
-# ---- the broadcast channel ----
-
-
-class Channel:
-    """Process 0 sends calls, the others receive them; one lock orders every send and the call it
-    precedes, so the processes dispatch their programs in one order even with several engines.
-
-    Before its first broadcast each process waits at the start-up barrier (`meet`; default: JAX's
-    coordination service, up to `startup_timeout` seconds), so that the first collective finds the
-    others there (see the module's docstring). Tests pass their own `broadcast` and `meet`.
-    """
-
-    def __init__(
-        self,
-        broadcast: Callable[[Any], Any] | None = None,
-        is_leader: bool | None = None,
-        startup_timeout: int = Cluster.startup_timeout,
-        meet: Callable[[], None] | None = None,
-    ) -> None:
-        import jax
-        from jax.experimental import multihost_utils
-
-        self.broadcast = broadcast or multihost_utils.broadcast_one_to_all
-        self.is_leader = jax.process_index() == 0 if is_leader is None else is_leader
-        self.processes = jax.process_count()
-        if meet is None and broadcast is None:
-            meet = lambda: _wait_for_all(STARTUP_BARRIER, startup_timeout)
-        self._meet, self._met = meet, meet is None
-        self.lock = threading.RLock()
-        self.last_sent = time.monotonic()
-        self.stopped = threading.Event()
-        self._heartbeat: threading.Thread | None = None
-
-    def _meet_once(self) -> None:
-        with self.lock:
-            if not self._met:
-                log.info("waiting for every process to be warm (the start-up barrier)")
-                self._meet()
-                self._met = True
-                log.info("every process is warm")
-
-    def send(self, op: int, engine: int = 0, a: int = 0, b: int = 0, payload: bytes = b"") -> None:
-        """(Leader) broadcasts one call; hold `lock` across this and the call itself."""
-        header = np.zeros(_HEADER, np.int32)
-        header[:5] = op, engine, a, b, len(payload)
-        with self.lock:
-            self._meet_once()
-            self.broadcast(header)
-            if payload:
-                buf = np.zeros(_padded(len(payload)), np.uint8)
-                buf[: len(payload)] = np.frombuffer(payload, np.uint8)
-                self.broadcast(buf)
-            self.last_sent = time.monotonic()
-
-    def receive(self) -> tuple[int, int, int, int, bytes]:
-        """(Follower) the next call: op, engine, a, b, payload."""
-        self._meet_once()
-        header = np.asarray(self.broadcast(np.zeros(_HEADER, np.int32)))
-        op, engine, a, b, nbytes = (int(x) for x in header[:5])
-        payload = b""
-        if nbytes:
-            payload = np.asarray(self.broadcast(np.zeros(_padded(nbytes), np.uint8)))[:nbytes].tobytes()
-        return op, engine, a, b, payload
-
-    def start_heartbeat(self, every: float = HEARTBEAT_SECONDS) -> None:
-        """(Leader) a no-op whenever nothing was sent for `every` seconds."""
-
-        def beat() -> None:
-            while not self.stopped.wait(every / 2):
-                with self.lock:
-                    if not self.stopped.is_set() and time.monotonic() - self.last_sent >= every:
-                        self.send(NOOP)
-
-        self._heartbeat = threading.Thread(target=beat, name="multihost-heartbeat", daemon=True)
-        self._heartbeat.start()
-
-    def stop(self) -> None:
-        """(Leader) tells the others to exit; idempotent."""
-        with self.lock:
-            if self.stopped.is_set():
-                return
-            self.stopped.set()
-            self.send(STOP)
-        if self._heartbeat is not None:
-            self._heartbeat.join()
-
-
-def _wait_for_all(barrier: str, timeout: int) -> None:
-    """Blocks until every process of the cluster has called this with the same barrier name."""
-    from jax._src import distributed
-
-    distributed.global_state.client.wait_at_barrier(barrier, timeout * 1000)
-
-
-def _padded(n: int) -> int:
-    size = _MIN_PAYLOAD
-    while size < n:
-        size *= 2
-    return size
-
-
-# ---- encoding the calls' host inputs ----
-
-
-def encode_prompts(prompts: Sequence[Sequence[int]]) -> bytes:
-    """Prompts as int32s: their count, their lengths, then their tokens."""
-    lengths = [len(p) for p in prompts]
-    flat = [t for p in prompts for t in p]
-    return np.asarray([len(prompts), *lengths, *flat], np.int32).tobytes()
-
-
-def decode_prompts(data: bytes) -> list[list[int]]:
-    """The prompts that encode_prompts encoded."""
-    values = np.frombuffer(data, np.int32)
-    n, out, at = int(values[0]), [], 1 + int(values[0])
-    for length in values[1 : 1 + n]:
-        out.append(values[at : at + length].tolist())
-        at += int(length)
-    return out
-
-
-def encode_row(row: Any) -> bytes:
-    """A SlotRow as bytes: its leaves' raw bytes, the [1, V] logit_bias as its nonzero entries."""
-    bias = np.asarray(row.params.logit_bias)[0]
-    where = np.flatnonzero(bias).astype(np.int32)
-    rest = row._replace(params=row.params._replace(logit_bias=np.zeros(0, np.float32)))
-    parts = [np.ascontiguousarray(leaf).tobytes() for leaf in _leaves(rest)]
-    parts += [np.int32(len(where)).tobytes(), where.tobytes(), bias[where].astype(np.float32).tobytes()]
-    return b"".join(parts)
-
-
-def decode_row(data: bytes, n_vocab: int) -> Any:
-    """The SlotRow that encode_row encoded."""
-    from gpt2jax.engine.device import make_row
-
-    template = make_row(
-        1, 1, -1, False, n_vocab, temperature=0.0, top_k=0, top_p=1.0,
-        presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=0,
-    )  # fmt: skip
-    rest = template._replace(params=template.params._replace(logit_bias=np.zeros(0, np.float32)))
-    leaves, offset = [], 0
-    for leaf in _leaves(rest):
-        leaf = np.asarray(leaf)
-        leaves.append(np.frombuffer(data, leaf.dtype, leaf.size, offset).reshape(leaf.shape).copy())
-        offset += leaf.nbytes
-    (count,) = np.frombuffer(data, np.int32, 1, offset)
-    where = np.frombuffer(data, np.int32, count, offset + 4)
-    values = np.frombuffer(data, np.float32, count, offset + 4 + 4 * count)
-    bias = np.zeros((1, n_vocab), np.float32)
-    bias[0, where] = values
-    row = _unflatten(rest, leaves)
-    return row._replace(params=row.params._replace(logit_bias=bias))
-
-
-def _leaves(tree: Any) -> list[Any]:
-    import jax
-
-    return jax.tree.leaves(tree)
-
-
-def _unflatten(like: Any, leaves: Sequence[Any]) -> Any:
-    import jax
-
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 # ---- process 0: the engines' device calls, broadcast first ----
@@ -226,19 +42,19 @@ class LeaderPrograms:
 
     def init_state(self) -> Any:
         with self.channel.lock:
-            self.channel.send(INIT, self.index)
+            self.channel.send(wire.INIT, self.index)
             return self.inner.init_state()
 
     def prefill(self, prompts: Sequence[Sequence[int]], bucket: int, score: bool) -> Any:
         with self.channel.lock:
-            self.channel.send(PREFILL, self.index, bucket, int(score), encode_prompts(prompts))
+            self.channel.send(wire.PREFILL, self.index, bucket, int(score), wire.encode_prompts(prompts))
             self._prefilled = self.inner.prefill(prompts, bucket, score)
             return self._prefilled
 
     def insert(self, state: Any, pre: Any, slot: int, row: Any) -> Any:
         which = next(i for i, p in enumerate(self._prefilled) if p is pre)
         with self.channel.lock:
-            self.channel.send(INSERT, self.index, slot, which, encode_row(row))
+            self.channel.send(wire.INSERT, self.index, slot, which, wire.encode_row(row))
             return self.inner.insert(state, pre, slot, row)
 
     def decode(
@@ -247,7 +63,7 @@ class LeaderPrograms:
         window = window or self.inner.windows[-1]
         rows = rows or self.inner.local_slots
         with self.channel.lock:
-            self.channel.send(DECODE, self.index, window, rows, np.asarray(active, np.bool_).tobytes())
+            self.channel.send(wire.DECODE, self.index, window, rows, np.asarray(active, np.bool_).tobytes())
             return self.inner.decode(state, active, window, rows)
 
 
@@ -270,21 +86,21 @@ def follow(programs: Sequence[Any], channel: Channel) -> None:
     prefilled: list[Any] = [None] * len(programs)
     while True:
         op, i, a, b, payload = channel.receive()
-        if op == STOP:
+        if op == wire.STOP:
             log.info("process 0 stopped: leaving")
             return
-        if op == NOOP:
+        if op == wire.NOOP:
             continue
         p = programs[i]
         try:
-            if op == INIT:
+            if op == wire.INIT:
                 states[i] = p.init_state()
-            elif op == PREFILL:
-                prefilled[i] = p.prefill(decode_prompts(payload), a, bool(b))
-            elif op == INSERT:
-                row = decode_row(payload, p.config.n_vocab)
+            elif op == wire.PREFILL:
+                prefilled[i] = p.prefill(wire.decode_prompts(payload), a, bool(b))
+            elif op == wire.INSERT:
+                row = wire.decode_row(payload, p.config.n_vocab)
                 states[i], _ = p.insert(states[i], prefilled[i][b], a, row)
-            elif op == DECODE:
+            elif op == wire.DECODE:
                 states[i], _ = p.decode(states[i], np.frombuffer(payload, np.bool_).copy(), a, b)
             else:
                 raise ValueError(f"unknown call {op}")
