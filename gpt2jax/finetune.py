@@ -26,7 +26,9 @@ from gpt2jax.checkpoint import load_params
 from gpt2jax.config import GPT2Config, preset
 from gpt2jax.lm import DTYPES, resolve_checkpoint
 from gpt2jax.tokenizer import GPT2Tokenizer
-from gpt2jax.train import STATE_FILE, ResumeError, TrainConfig, init_from_scratch, train
+from gpt2jax.train import train
+from gpt2jax.train_state import STATE_FILE, ResumeError
+from gpt2jax.train_step import TrainConfig, init_from_scratch
 
 
 def parse_config(spec: str, tokenizer: GPT2Tokenizer) -> GPT2Config:

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from gpt2jax import data  # noqa: E402
 from gpt2jax.config import GPT2Config  # noqa: E402
-from gpt2jax.train import TrainConfig, init_from_scratch, train  # noqa: E402
+from gpt2jax.train import train  # noqa: E402
+from gpt2jax.train_step import TrainConfig, init_from_scratch  # noqa: E402
 
 SEED = 1234
 VOCAB = 4096  # including <|endoftext|>, the last id as in GPT-2
@@ -116,7 +117,7 @@ def main() -> None:
         sys.exit("interrupted; rerun the same command to resume")
 
     # Final numbers over the whole held-out split, not just the periodic evaluation's slice.
-    from gpt2jax.train import heldout_loss, make_eval_step, make_mesh
+    from gpt2jax.train_step import heldout_loss, make_eval_step, make_mesh
 
     seq_len = tc.seq_len_for(CONFIG)
     windows = data.eval_windows(heldout_tokens, seq_len, 1 << 30)
