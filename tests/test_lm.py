@@ -9,11 +9,6 @@ import torch
 import gpt2jax
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return gpt2jax.load(tiny_checkpoint)
-
-
 def test_load_by_name_from_the_models_dir(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("MODELS_DIR", str(tiny_checkpoint.parent))
     assert gpt2jax.load(tiny_checkpoint.name).config.n_layer == 2
@@ -25,34 +20,34 @@ def test_load_of_a_missing_model_says_how_to_download(tmp_path, monkeypatch):
         gpt2jax.load("117M")
 
 
-def test_generate_returns_one_completion_per_prompt_and_sample(model):
-    out = model.generate(["Hello, my name is", "def f(x):"], max_tokens=8, n=3, seed=0)
+def test_generate_returns_one_completion_per_prompt_and_sample(tiny_model):
+    out = tiny_model.generate(["Hello, my name is", "def f(x):"], max_tokens=8, n=3, seed=0)
     assert len(out) == 6 and all(isinstance(t, str) for t in out)
 
 
-def test_seed_makes_sampling_reproducible(model):
-    a = model.generate("The", max_tokens=24, temperature=1.0, seed=42, n=2)
-    b = model.generate("The", max_tokens=24, temperature=1.0, seed=42, n=2)
-    c = model.generate("The", max_tokens=24, temperature=1.0, seed=43, n=2)
+def test_seed_makes_sampling_reproducible(tiny_model):
+    a = tiny_model.generate("The", max_tokens=24, temperature=1.0, seed=42, n=2)
+    b = tiny_model.generate("The", max_tokens=24, temperature=1.0, seed=42, n=2)
+    c = tiny_model.generate("The", max_tokens=24, temperature=1.0, seed=43, n=2)
     assert a == b
     assert a != c
     assert a[0] != a[1]  # the n samples of one request differ
 
 
-def test_greedy_is_deterministic_and_stop_cuts_before_the_stop_string(model):
-    full = model.generate("The", max_tokens=30, temperature=0.0)[0]
-    assert full == model.generate("The", max_tokens=30, temperature=0.0)[0]
+def test_greedy_is_deterministic_and_stop_cuts_before_the_stop_string(tiny_model):
+    full = tiny_model.generate("The", max_tokens=30, temperature=0.0)[0]
+    assert full == tiny_model.generate("The", max_tokens=30, temperature=0.0)[0]
     stop = full[5:8]
-    cut = model.generate("The", max_tokens=30, temperature=0.0, stop=[stop])[0]
+    cut = tiny_model.generate("The", max_tokens=30, temperature=0.0, stop=[stop])[0]
     assert cut == full[: full.index(stop)]
 
 
-def test_score_equals_hf_logprobs(model, tiny_checkpoint):
+def test_score_equals_hf_logprobs(tiny_model, tiny_checkpoint):
     from transformers import GPT2LMHeadModel
 
     text = "The quick brown fox jumps over the lazy dog."
-    scores = model.score(text)
-    ids = model.tokenizer.encode(text)
+    scores = tiny_model.score(text)
+    ids = tiny_model.tokenizer.encode(text)
     assert len(scores) == len(ids) and scores[0] is None
     hf = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     with torch.no_grad():
@@ -61,6 +56,6 @@ def test_score_equals_hf_logprobs(model, tiny_checkpoint):
     np.testing.assert_allclose(scores[1:], expected, atol=1e-4)
 
 
-def test_tokenizer_round_trip(model):
+def test_tokenizer_round_trip(tiny_model):
     text = "naïve café — 日本語 🙂"
-    assert model.tokenizer.decode(model.tokenizer.encode(text)) == text
+    assert tiny_model.tokenizer.decode(tiny_model.tokenizer.encode(text)) == text

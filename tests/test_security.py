@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from fake_engine import ScriptedEngine, call, make_app
 
-from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.limits import longest_token_bytes, max_prompt_chars
 
 KEY = "sk-security-test-0123456789"
@@ -25,11 +24,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 # The only routes open without a key: health checks, and the playground page with its static files
 # (the page asks for a key itself and sends it with every API call).
 OPEN_RULES = {"/health", "/", "/static/<path:filename>"}
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir) -> GPT2Tokenizer:
-    return GPT2Tokenizer.from_dir(tokenizer_dir)
 
 
 @pytest.fixture
@@ -215,7 +209,7 @@ def test_prompt_length_is_bound_before_tokenizing(tok):
         tok.encode = encode  # type: ignore[method-assign]
 
 
-def test_chunked_body_over_the_limit_is_413(app):
+def test_chunked_body_over_the_limit_is_413_in_the_app(app):
     """A body without Content-Length (chunked) is cut at MAX_BODY_BYTES too."""
 
     async def go():

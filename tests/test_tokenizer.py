@@ -32,11 +32,6 @@ EOS_TEXTS = ["<|endoftext|>", "a<|endoftext|>b", "<|endoftext|><|endoftext|> x\n
 
 
 @pytest.fixture(scope="module")
-def tok(tokenizer_dir) -> GPT2Tokenizer:
-    return GPT2Tokenizer.from_dir(tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
 def hf_tok(tokenizer_dir):
     from transformers import GPT2TokenizerFast
 
