@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from gpt2jax.engine import wire
+from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.wire import Channel
 
 log = logging.getLogger("gpt2jax.engine.multihost")
@@ -30,15 +31,37 @@ log = logging.getLogger("gpt2jax.engine.multihost")
 # ---- process 0: the engines' device calls, broadcast first ----
 
 
-class LeaderPrograms:
-    """Stands in for an engine's SlotPrograms on process 0: broadcasts each call, then makes it."""
+class LeaderPrograms(DevicePrograms):
+    """Stands in for an engine's SlotPrograms on process 0: broadcasts each call that changes the
+    device state (init, prefill, insert, decode), then makes it; the rest are the inner programs'."""
 
-    def __init__(self, inner: Any, index: int, channel: Channel) -> None:
+    def __init__(self, inner: DevicePrograms, index: int, channel: Channel) -> None:
         self.inner, self.index, self.channel = inner, index, channel
         self._prefilled: list[Any] = []  # the last prefill's results: insert names one by its index
 
-    def __getattr__(self, name: str) -> Any:  # windows, slots, window_for, compile, ...
+    def __getattr__(self, name: str) -> Any:  # the attributes: config, slots, local_slots, windows, ...
         return getattr(self.inner, name)
+
+    def prefill_rows(self, bucket: int, score: bool = False) -> int:
+        return self.inner.prefill_rows(bucket, score)
+
+    def window_for(self, end: int) -> int:
+        return self.inner.window_for(end)
+
+    def fill_order(self) -> list[int]:
+        return self.inner.fill_order()
+
+    def rows_for(self, slots: Sequence[int]) -> int:
+        return self.inner.rows_for(slots)
+
+    def decoded_slots(self, rows: int) -> list[int]:
+        return self.inner.decoded_slots(rows)
+
+    def program_names(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> list[tuple]:
+        return self.inner.program_names(buckets, score)
+
+    def compile(self, buckets: Sequence[int], score: Sequence[bool] = (False,), **options: Any) -> None:
+        self.inner.compile(buckets, score, **options)  # compiling runs nothing: no broadcast
 
     def init_state(self) -> Any:
         with self.channel.lock:
