@@ -27,6 +27,7 @@ from gpt2jax.engine.api import EngineError, Event, GenerationRequest
 from gpt2jax.engine.device import SlotPrograms, enable_compilation_cache
 from gpt2jax.engine.job import END, Job
 from gpt2jax.engine.metrics import EngineMetrics, publish, unpublish
+from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.warmup import BackgroundCompile, split
 from gpt2jax.engine.worker import EngineFault, SlotWorker
 from gpt2jax.lm import LanguageModel
@@ -102,6 +103,9 @@ class BatchEngine:
     batch_invariant: every decode runs all slots over the whole context and every prefill one prompt, so
     that a request's tokens and logprobs do not depend on what runs beside it (at a cost: README, "Seeds
     and batch invariance"; gpt2jax/engine/shapes.py).
+    programs: device programs to drive instead of building SlotPrograms (e.g. tests/fake_device.py's);
+    their slots and chunk size are the engine's, and params, dtype, devices, min_window, layout and
+    batch_invariant are not used.
     `programs` (the compiled device side) and `worker` (the thread and slot table) are exposed for tests.
     """
 
@@ -121,7 +125,10 @@ class BatchEngine:
         min_window: int = 128,
         layout: Layout | None = None,
         batch_invariant: bool = False,
+        programs: DevicePrograms | None = None,
     ) -> None:
+        if programs is not None:
+            slots, chunk_size = programs.slots, programs.chunk_size
         if layout is not None:  # slots split over the data axis: size them by its devices
             devices = list(layout.mesh.devices[:, 0])
         devices = list(devices if devices is not None else jax.local_devices())
@@ -135,7 +142,7 @@ class BatchEngine:
         self.queue_timeout = queue_timeout
         self.buckets = tuple(_powers_of_two(config.n_ctx))  # prefill lengths
         self.metrics = EngineMetrics(lambda: self.queue_length, lambda: self.busy_slots, self.slots)
-        self.programs = SlotPrograms(
+        self.programs = programs or SlotPrograms(
             config, params, dtype, self.slots, self.chunk_size, devices, min_window, layout, batch_invariant
         )
         self.worker = SlotWorker(self, self.programs)
