@@ -76,11 +76,11 @@ async def drive(stream: Stream, requests: list[GenerationRequest], concurrency: 
 def make_requests(n: int, prompt_tokens: int, new_tokens: int, n_vocab: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     return [
-        GenerationRequest(
+        GenerationRequest.of(
             prompt=tuple(int(t) for t in rng.integers(0, n_vocab - 1, prompt_tokens)),
             max_tokens=new_tokens,
             temperature=0.0,
-            stop_at_eos=False,
+            ignore_eos=True,
         )
         for _ in range(n)
     ]
@@ -118,8 +118,8 @@ def hf_load(model, requests: list, batch: int) -> LoadResult:
                 toks,
                 attention_mask=torch.ones_like(toks),
                 do_sample=False,
-                max_new_tokens=rs[0].max_tokens,
-                min_new_tokens=rs[0].max_tokens,
+                max_new_tokens=rs[0].params.max_tokens,
+                min_new_tokens=rs[0].params.max_tokens,
                 pad_token_id=0,
             )
         return (out.shape[1] - toks.shape[1]) * len(rs)

@@ -65,7 +65,7 @@ async def http_load(base: str, model: str, requests: list[GenerationRequest], co
         chunks = await client.completions.create(
             model=model,
             prompt=list(r.prompt),
-            max_tokens=r.max_tokens,
+            max_tokens=r.params.max_tokens,
             temperature=0,
             logit_bias={str(eos): -100},
             stream=True,

@@ -6,7 +6,7 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,15 @@ from jax.sharding import Mesh
 from gpt2jax import sampling
 from gpt2jax.checkpoint import load_params
 from gpt2jax.config import GPT2Config
+from gpt2jax.engine.api import GenerationRequest
+from gpt2jax.engine.offline import Completion, run_all
 from gpt2jax.sampler import GenerationResult, Sampler
+from gpt2jax.sampling_params import SamplingParams, per_prompt
 from gpt2jax.sharding import Layout, MeshShape, make_mesh
 from gpt2jax.tokenizer import GPT2Tokenizer
+
+if TYPE_CHECKING:
+    from gpt2jax.engine.engine import BatchEngine
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -41,11 +47,6 @@ def resolve_checkpoint(path_or_name: str | os.PathLike, models_dir: str | os.Pat
         f"no model folder {str(path_or_name)!r} (looked in {root}/); "
         f"download one with: python3 download_model.py {path_or_name}"
     )
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """Row `index`'s seed of a request seeded with `seed`: distinct streams for n > 1, reproducible."""
-    return (int(seed) * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + index) & 0xFFFFFFFFFFFFFFFF
 
 
 class LanguageModel:
@@ -77,48 +78,71 @@ class LanguageModel:
         self.dtype = dtype
         self.name = name
         self.sampler = Sampler(config, dtype, layout=layout)
+        self._engine: BatchEngine | None = None
 
     def generate(
         self,
         prompt_or_prompts: str | Sequence[str],
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        n: int = 1,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
+        max_tokens: int | Sequence[int] = 16,
+        *,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **settings: Any,
     ) -> list[str]:
         """Completes each prompt `n` times; returns the completion texts (without the prompt).
 
-        The list has one entry per prompt and sample, prompt-major: [p0s0, p0s1, ..., p1s0, ...].
-        Generation ends at end-of-text, after `max_tokens` tokens, or before the first `stop` string.
-        The same `seed` with the same arguments gives the same texts; temperature 0 is greedy.
+        The list has one entry per prompt and choice, prompt-major: [p0c0, p0c1, ..., p1c0, ...]. Settings
+        are SamplingParams fields (temperature, top_p, top_k, min_p, n, stop, seed, penalties, logit_bias,
+        ...), each one value for every prompt or a list of one per prompt (see `per_prompt`); or pass
+        `sampling_params`. All prompts run at once through the continuous-batching engine (`self.engine`),
+        so each one's text is what it would be alone, and a short one does not wait for a long one.
+        Generation ends at end-of-text, after `max_tokens` tokens, or before the first `stop` string. The
+        same `seed` gives the same texts; temperature 0 is greedy. Raises ValueError for a bad setting.
         """
-        prompts = [prompt_or_prompts] if isinstance(prompt_or_prompts, str) else list(prompt_or_prompts)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        ids = [self.tokenizer.encode(p) or [self.config.eos_token_id] for p in prompts]
-        rows = [p for p in ids for _ in range(n)]
-        if seed is None:
-            seed = secrets.randbits(63)
-        sp = sampling.make_params(
-            len(rows),
-            self.config.n_vocab,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            seed=[derive_seed(seed, i) for i in range(len(rows))],
+        completions = self.complete(
+            prompt_or_prompts, max_tokens, sampling_params=sampling_params, **settings
         )
+        return [c.text for c in completions]
 
-        def should_stop(row: int, tokens: list[int]) -> bool:
-            return bool(stops) and any(s in self._text(tokens) for s in stops)
+    def complete(
+        self,
+        prompt_or_prompts: str | Sequence[str],
+        max_tokens: int | Sequence[int] = 16,
+        *,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **settings: Any,
+    ) -> list[Completion]:
+        """As `generate`, but each choice as a `Completion`: text, token ids, finish reason, and with
+        `logprobs=k` each token's logprob and top k alternatives, with `prompt_logprobs=True` the prompt's."""
+        prompts = [prompt_or_prompts] if isinstance(prompt_or_prompts, str) else list(prompt_or_prompts)
+        rows = per_prompt(len(prompts), sampling_params, max_tokens=max_tokens, **settings)
+        requests = []
+        for prompt, params in zip(prompts, rows, strict=True):
+            if params.seed is None:  # a fresh seed per call, each choice its own stream from it
+                params = params.replace(seed=secrets.randbits(63))
+            ids = self.tokenizer.encode(prompt) or [self.config.eos_token_id]
+            requests.append(GenerationRequest(tuple(ids), params))
+        return [c for choices in run_all(self.engine, requests) for c in choices]
 
-        result = self.sampler.generate(self.params, rows, max_tokens, sp, should_stop=should_stop)
-        return [cut_at_stop(self._text(t), stops) for t in result.tokens]
+    @property
+    def engine(self) -> BatchEngine:
+        """The continuous-batching engine `generate` runs on, started on first use (`start_engine`)."""
+        if self._engine is None:
+            self.start_engine()
+        return self._engine
+
+    def start_engine(self, **options: Any) -> BatchEngine:
+        """(Re)builds the engine with BatchEngine's options (slots, chunk_size, batch_invariant, ...).
+
+        The notebook's engine never refuses work: its queue is unbounded and nothing times out in it.
+        """
+        from gpt2jax.engine.engine import BatchEngine  # the engine imports this module
+
+        if self._engine is not None:
+            self._engine.stop()
+        options = {"max_queue": 1 << 30, "queue_timeout": float("inf")} | options
+        self._engine = BatchEngine.from_model(self, **options)
+        self._engine.start()
+        return self._engine
 
     def score(self, text: str) -> list[float | None]:
         """Log-probability of each token of `text` given the tokens before it; the first entry is None."""
@@ -135,24 +159,12 @@ class LanguageModel:
         s = result.prompt_scores
         return [type(s)(*(np.asarray(a[i, : len(p)]) for a in s)) for i, p in enumerate(prompts)]
 
-    def _text(self, tokens: Sequence[int]) -> str:
-        eos = self.config.eos_token_id
-        if eos in tokens:
-            tokens = tokens[: list(tokens).index(eos)]
-        return self.tokenizer.decode(tokens)
-
     def __repr__(self) -> str:
         c = self.config
         return (
             f"LanguageModel({self.name!r}, n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, "
             f"n_ctx={c.n_ctx}, n_vocab={c.n_vocab}, dtype={jnp.dtype(self.dtype).name})"
         )
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """The text before the earliest occurrence of any stop string."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 def load(

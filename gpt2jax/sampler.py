@@ -9,16 +9,17 @@ program as constants).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import sampling
+from gpt2jax import decode, sampling
 from gpt2jax.config import GPT2Config
-from gpt2jax.model import KVCache, forward, forward_last, init_cache
+from gpt2jax.decode import DecodeState, PromptScores
+from gpt2jax.model import init_cache
 from gpt2jax.sharding import Layout
 
 MIN_BUCKET = 16
@@ -30,62 +31,6 @@ def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
     while b < n:
         b *= 2
     return min(b, cap)
-
-
-def steps_until_done(
-    one_step: Callable[[Any], tuple[Any, sampling.SampleOutput]], state: Any, max_steps: int
-) -> tuple[jax.Array, Any, sampling.SampleOutput]:
-    """Runs `state, out = one_step(state)` up to `max_steps` times, stopping once every row of
-    `state.done` is; returns (steps run, final state, outputs stacked [max_steps, ...], token -1 for
-    the steps not run).
-
-    A `lax.while_loop` rather than a fixed-length `lax.scan`, so that a chunk whose rows all finish early
-    (or were done from the start) stops there; at full length it is as fast as the scan.
-    """
-
-    def unfinished(carry) -> jax.Array:
-        i, state, _ = carry
-        return (i < max_steps) & ~jnp.all(state.done)
-
-    def body(carry):
-        i, state, outs = carry
-        state, out = one_step(state)
-        write = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)
-        return i + 1, state, jax.tree.map(write, outs, out)
-
-    _, out = jax.eval_shape(one_step, state)
-    outs = jax.tree.map(lambda a: jnp.zeros((max_steps, *a.shape), a.dtype), out)
-    outs = outs._replace(token=jnp.full(outs.token.shape, -1, jnp.int32))
-    return jax.lax.while_loop(unfinished, body, (jnp.int32(0), state, outs))
-
-
-class DecodeState(NamedTuple):
-    """Everything the decode loop carries from one step to the next, each with a leading batch dim B."""
-
-    cache: KVCache  # per layer (k, v) [B, n_head, S, head_dim]
-    token: jax.Array  # [B] i32, the last sampled token: the next step's input
-    position: jax.Array  # [B] i32, where `token` sits in the sequence
-    counts: jax.Array  # [B, V] i32, how often each token was generated (for penalties)
-    step: jax.Array  # [B] i32, tokens generated so far (also indexes each row's random stream)
-    max_tokens: jax.Array  # [B] i32, per-row generation limit
-    done: jax.Array  # [B] bool, finished by end-of-text or max_tokens
-    params: sampling.SamplingParams
-
-
-class PromptScores(NamedTuple):
-    """Log-probabilities of each prompt token given the ones before it (position 0 has none)."""
-
-    logprob: jax.Array  # [B, P] f32; entry t is the logprob of token t (entry 0 meaningless)
-    top_tokens: jax.Array  # [B, P, K] i32, top alternatives at position t
-    top_logprobs: jax.Array  # [B, P, K] f32
-
-
-def prompt_scores(logits: jax.Array, tokens: jax.Array) -> PromptScores:
-    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # predictions for tokens 1..P-1
-    chosen = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-    top_lp, top_tok = jax.lax.top_k(lp, sampling.NUM_TOP_LOGPROBS)
-    pad = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :1]), a], axis=1)
-    return PromptScores(pad(chosen), pad(top_tok.astype(jnp.int32)), pad(top_lp))
 
 
 class Sampler:
@@ -107,7 +52,7 @@ class Sampler:
         self.dtype = dtype
         self.chunk_size = chunk_size
         self.layout = layout
-        self.qkv_groups = layout.qkv_groups if layout is not None else 1
+        self.model = decode.Model(config, dtype, layout.qkv_groups if layout is not None else 1)
         self.compilations = 0
         self.decode_steps = 0
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "score_prompt"))
@@ -121,74 +66,32 @@ class Sampler:
         tokens: jax.Array,  # [B, P] right-padded prompts
         lengths: jax.Array,  # [B] true prompt lengths (>= 1)
         max_tokens: jax.Array,  # [B]
-        sp: sampling.SamplingParams,
-        want_top: jax.Array,
+        sp: sampling.SamplingTensors,
+        want_top: jax.Array,  # [B] bool
         *,
         cache_len: int,
         score_prompt: bool,
     ) -> tuple[DecodeState, sampling.SampleOutput, PromptScores | None]:
         self.compilations += 1
-        B, P = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-        cache = init_cache(self.config, B, cache_len, self.dtype, self.qkv_groups)
+        B = tokens.shape[0]
+        cache = init_cache(self.config, B, cache_len, self.dtype, self.model.qkv_groups)
         if self.layout is not None:
             split_rows = B % self.layout.data == 0
             cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows))
-        if score_prompt:
-            logits, cache = forward(
-                params, self.config, tokens, positions, cache, self.dtype, self.qkv_groups
-            )
-            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
-        else:
-            last, cache = forward_last(
-                params, self.config, tokens, positions, cache, lengths, self.dtype, self.qkv_groups
-            )
-        counts = jnp.zeros((B, self.config.n_vocab), jnp.int32)
-        step = jnp.zeros((B,), jnp.int32)
-        out = sampling.sample(last, counts, step, sp, want_top)
-        state = self._advance(
-            DecodeState(cache, out.token, lengths - 1, counts, step, max_tokens, max_tokens <= 0, sp), out
-        )
-        scores = prompt_scores(logits, tokens) if score_prompt else None
-        return state, out, scores
-
-    def _advance(self, state: DecodeState, out: sampling.SampleOutput) -> DecodeState:
-        """Records a sampled token: it becomes the next input; the row may now be done."""
-        B = state.token.shape[0]
-        live = ~state.done
-        counts = state.counts.at[jnp.arange(B), out.token].add(live.astype(jnp.int32))
-        step = state.step + live
-        done = state.done | (out.token == self.config.eos_token_id) | (step >= state.max_tokens)
-        cache_len = state.cache[0][0].shape[2]
-        position = jnp.where(live, jnp.minimum(state.position + 1, cache_len - 1), state.position)
-        token = jnp.where(live, out.token, state.token)
-        return state._replace(token=token, position=position, counts=counts, step=step, done=done)
+        last, cache, scores = decode.prefill(params, self.model, tokens, lengths, cache, score_prompt)
+        eos = jnp.full((B,), self.config.eos_token_id, jnp.int32)
+        state, out = decode.start(last, lengths, max_tokens, eos, want_top, sp, cache_len - 1)
+        return state._replace(cache=cache), out, scores
 
     def _decode_impl(
-        self, params: Any, state: DecodeState, want_top: jax.Array
+        self, params: Any, state: DecodeState
     ) -> tuple[DecodeState, sampling.SampleOutput, jax.Array]:
         """Up to `chunk_size` decode steps; returns the final state, per-step outputs [chunk, B, ...]
         (token -1 for a row that was done) and how many steps ran. It ends as soon as every row is done,
-        so a short generation does not pay for the rest of the chunk (with a fixed-length `lax.scan`, 8
-        tokens ran 16 steps: 1.8x slower; at full use both run at 48 tok/s, 124M on the CPU).
-        """
+        so a short generation does not pay for the rest of the chunk."""
         self.compilations += 1
-
-        def one_step(state: DecodeState) -> tuple[DecodeState, sampling.SampleOutput]:
-            logits, cache = forward(
-                params,
-                self.config,
-                state.token[:, None],
-                state.position[:, None],
-                state.cache,
-                self.dtype,
-                self.qkv_groups,
-            )
-            out = sampling.sample(logits[:, 0], state.counts, state.step, state.params, want_top)
-            emitted = out._replace(token=jnp.where(state.done, -1, out.token))
-            return self._advance(state._replace(cache=cache), out), emitted
-
-        ran, state, outs = steps_until_done(one_step, state, self.chunk_size)
+        cache_len = state.cache[0][0].shape[2]
+        ran, state, outs = decode.decode(params, self.model, state, self.chunk_size, cache_len - 1)
         return state, outs, ran
 
     # ---- host side ----
@@ -198,7 +101,7 @@ class Sampler:
         params: Any,
         prompts: Sequence[Sequence[int]],
         max_tokens: int | Sequence[int],
-        sampling_params: sampling.SamplingParams,
+        sampling_params: sampling.SamplingTensors,
         *,
         logprobs: bool = False,
         score_prompt: bool = False,
@@ -230,11 +133,12 @@ class Sampler:
         lengths_b = np.concatenate([lengths, np.ones(pad_rows, np.int32)])
         limits_b = np.concatenate([limits, np.zeros(pad_rows, np.int32)])  # padding rows start done
         sp = pad_sampling_params(sampling_params, B)
-        want_top = np.bool_(logprobs)
+        want_top = np.full(B, logprobs, np.bool_)
         if self.layout is not None:  # rows over the data axis when they split evenly, else replicated
             rows = self.layout.rows if B % self.layout.data == 0 else self.layout.replicated
-            tokens, lengths_b, limits_b, sp = jax.device_put((tokens, lengths_b, limits_b, sp), rows)
-            want_top = jax.device_put(want_top, self.layout.replicated)
+            tokens, lengths_b, limits_b, sp, want_top = jax.device_put(
+                (tokens, lengths_b, limits_b, sp, want_top), rows
+            )
 
         state, first, scores = self._prefill(
             params, tokens, lengths_b, limits_b, sp, want_top, cache_len=S, score_prompt=score_prompt
@@ -246,7 +150,7 @@ class Sampler:
                 so_far = _collect(steps, n)
                 if all(done[i] or should_stop(i, so_far.tokens[i]) for i in range(n)):
                     break
-            state, chunk, ran = self._decode(params, state, want_top)
+            state, chunk, ran = self._decode(params, state)
             chunk, ran = jax.device_get((chunk, ran))
             steps.extend(sampling.SampleOutput(*(a[j] for a in chunk)) for j in range(ran))
             self.decode_steps += int(ran)
@@ -280,23 +184,10 @@ def _collect(steps: list[sampling.SampleOutput], n: int) -> GenerationResult:
     )
 
 
-def pad_sampling_params(sp: sampling.SamplingParams, batch: int) -> sampling.SamplingParams:
-    """Pads per-row settings to `batch` rows (padding rows are greedy)."""
-    n = sp.temperature.shape[0]
-    if n == batch:
+def pad_sampling_params(sp: sampling.SamplingTensors, batch: int) -> sampling.SamplingTensors:
+    """Pads per-row settings to `batch` rows of sampling.NEUTRAL (greedy)."""
+    pad = batch - sp.temperature.shape[0]
+    if pad == 0:
         return sp
-    pad = batch - n
-
-    def grow(a, fill):
-        a = np.asarray(a)
-        return np.concatenate([a, np.full((pad, *a.shape[1:]), fill, a.dtype)])
-
-    return sampling.SamplingParams(
-        temperature=grow(sp.temperature, 0.0),
-        top_k=grow(sp.top_k, 0),
-        top_p=grow(sp.top_p, 1.0),
-        presence_penalty=grow(sp.presence_penalty, 0.0),
-        frequency_penalty=grow(sp.frequency_penalty, 0.0),
-        logit_bias=grow(sp.logit_bias, 0.0),
-        rng=grow(sp.rng, 0),
-    )
+    fill = sampling.tensors_from([sampling.NEUTRAL] * pad, sp.logit_bias.shape[1])
+    return jax.tree.map(lambda a, b: np.concatenate([np.asarray(a), b]), sp, fill)

@@ -7,19 +7,23 @@ thresholds are found by bisection, which costs a few passes over the logits inst
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-NUM_TOP_LOGPROBS = 20  # alternatives computed per token: OpenAI's chat allows top_logprobs up to 20
+from gpt2jax.sampling_params import MAX_LOGPROBS, SamplingParams
+
+NUM_TOP_LOGPROBS = MAX_LOGPROBS  # alternatives computed per token: OpenAI's chat allows top_logprobs up to 20
 _BISECT_STEPS = 32
 _NEG_INF = -jnp.inf
 
 
-class SamplingParams(NamedTuple):
-    """Per-row settings, each with a leading batch dimension B."""
+class SamplingTensors(NamedTuple):
+    """Per-row settings as device arrays, each with a leading batch dimension B: what the jitted code sees
+    of a batch's SamplingParams records (built by `tensors_from`)."""
 
     temperature: jax.Array  # [B] f32; 0 = greedy
     top_k: jax.Array  # [B] i32; 0 = off
@@ -27,7 +31,19 @@ class SamplingParams(NamedTuple):
     presence_penalty: jax.Array  # [B] f32
     frequency_penalty: jax.Array  # [B] f32
     logit_bias: jax.Array  # [B, V] f32, added to the logits
-    rng: jax.Array  # [B, 2] uint32 raw threefry key data, one stream per row
+    rng: jax.Array  # [B, 2] uint32 raw threefry key data, one stream per row (from the record's seed)
+
+
+# The per-row scalars, taken by name from each row's SamplingParams record.
+SCALARS = {
+    "temperature": np.float32,
+    "top_k": np.int32,
+    "top_p": np.float32,
+    "presence_penalty": np.float32,
+    "frequency_penalty": np.float32,
+}
+# A finished or padding row: greedy and unfiltered, so it never forces the costlier sampling branches.
+NEUTRAL = SamplingParams(temperature=0.0, seed=0)
 
 
 class SampleOutput(NamedTuple):
@@ -37,38 +53,31 @@ class SampleOutput(NamedTuple):
     top_logprobs: jax.Array  # [B, NUM_TOP_LOGPROBS] f32
 
 
-def make_params(
-    batch: int,
-    n_vocab: int,
-    *,
-    temperature: float | list[float] = 1.0,
-    top_k: int | list[int] = 0,
-    top_p: float | list[float] = 1.0,
-    presence_penalty: float | list[float] = 0.0,
-    frequency_penalty: float | list[float] = 0.0,
-    logit_bias: list[dict[int, float] | None] | None = None,
-    seed: int | list[int] = 0,
-) -> SamplingParams:
-    """Host-side builder: scalars are broadcast to every row, lists give one value per row."""
-
-    def col(v, dtype):
-        a = np.asarray(v, dtype)
-        return np.broadcast_to(a, (batch,)).copy()
-
-    bias = np.zeros((batch, n_vocab), np.float32)
-    for row, entries in enumerate(logit_bias or []):
-        for tok, value in (entries or {}).items():
-            bias[row, int(tok)] = value
-    seeds = [seed] * batch if isinstance(seed, int) else list(seed)
-    return SamplingParams(
-        temperature=col(temperature, np.float32),
-        top_k=col(top_k, np.int32),
-        top_p=col(top_p, np.float32),
-        presence_penalty=col(presence_penalty, np.float32),
-        frequency_penalty=col(frequency_penalty, np.float32),
+def tensors_from(rows: Sequence[SamplingParams], n_vocab: int) -> SamplingTensors:
+    """Host-side numpy tensors of one record per row; a row's `seed` (None: 0) seeds its random stream."""
+    bias = np.zeros((len(rows), n_vocab), np.float32)
+    for i, p in enumerate(rows):
+        for tok, value in p.logit_bias:
+            bias[i, int(tok)] = value
+    return SamplingTensors(
+        **{name: np.array([getattr(p, name) for p in rows], dtype) for name, dtype in SCALARS.items()},
         logit_bias=bias,
-        rng=np.stack([seed_key(int(s)) for s in seeds]),
+        rng=np.stack([seed_key(p.seed or 0) for p in rows]).reshape(len(rows), 2),
     )
+
+
+def make_params(batch: int, n_vocab: int, **settings: Any) -> SamplingTensors:
+    """`batch` rows of SamplingParams fields: a value for every row, or a list of one per row."""
+    per_row = lambda v, i: v[i] if isinstance(v, list) else v
+    return tensors_from(
+        [SamplingParams(**{k: per_row(v, i) for k, v in settings.items()}) for i in range(batch)], n_vocab
+    )
+
+
+def neutral_where(sp: SamplingTensors, done: jax.Array) -> SamplingTensors:
+    """The rows where `done` replaced by NEUTRAL's settings (scalars only; bias and rng are kept)."""
+    off = {name: jnp.where(done, getattr(NEUTRAL, name), getattr(sp, name)) for name in SCALARS}
+    return sp._replace(**off)
 
 
 def seed_key(seed: int) -> np.ndarray:
@@ -77,7 +86,7 @@ def seed_key(seed: int) -> np.ndarray:
     return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
-def apply_penalties(logits: jax.Array, counts: jax.Array, params: SamplingParams) -> jax.Array:
+def apply_penalties(logits: jax.Array, counts: jax.Array, params: SamplingTensors) -> jax.Array:
     """OpenAI's formula: logit -= count * frequency_penalty + (count > 0) * presence_penalty; plus bias."""
     counts = counts.astype(jnp.float32)
     penalty = counts * params.frequency_penalty[:, None] + (counts > 0) * params.presence_penalty[:, None]
@@ -159,7 +168,7 @@ def row_uniforms(rng: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def sample(
-    logits: jax.Array, counts: jax.Array, step: jax.Array, params: SamplingParams, want_top: jax.Array
+    logits: jax.Array, counts: jax.Array, step: jax.Array, params: SamplingTensors, want_top: jax.Array
 ) -> SampleOutput:
     """Chooses the next token of each row.
 

@@ -13,7 +13,6 @@ from serving.completions import new_id
 from serving.generation import (
     ChoiceState,
     Primed,
-    build_request,
     check_token_ids,
     collect,
     context_error,
@@ -36,15 +35,13 @@ def prepare(req: ChatRequest, model: ServedModel, engine: Engine, settings: Sett
         max_tokens = min(settings.max_tokens, room)
     if max_tokens < 1 or max_tokens > room:
         raise context_error(engine.n_ctx, len(ids), max(max_tokens, 1), param="messages")
-    for token, _ in req.sampling.logit_bias:
+    params = req.sampling.params
+    for token, _ in params.logit_bias:
         check_token_ids(engine, [token], "logit_bias")
-    stop = tuple(dict.fromkeys((*req.sampling.stop, *turn_markers)))
-    logprobs = req.top_logprobs if req.logprobs else None
+    stop = tuple(dict.fromkeys((*params.stop, *turn_markers)))
     # After "Assistant:" the model writes " Hello": the space belongs to the template, so the reply (and
     # what its stop strings are matched against) starts after it.
-    return build_request(
-        ids, req.sampling, max_tokens=max_tokens, stop=stop, logprobs=logprobs, strip_leading=" "
-    )
+    return GenerationRequest(tuple(ids), params.replace(max_tokens=max_tokens, stop=stop), strip_leading=" ")
 
 
 def logprob_entry(tok: GPT2Tokenizer, t: TokenLogprob) -> dict[str, Any]:
@@ -93,7 +90,7 @@ class ChatShaper:
         return {"content": content, "refusal": None}
 
     async def body(self, primed: Sequence[Primed]) -> dict[str, Any]:
-        states = await collect(primed, self.req.sampling.n)
+        states = await collect(primed, self.req.sampling.params.n)
         choices = [
             {
                 "index": index,

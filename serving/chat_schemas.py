@@ -109,15 +109,13 @@ class ChatRequest:
     model: str
     messages: tuple[Message, ...]
     max_tokens: int | None  # None: as much as MAX_TOKENS and the context allow
-    sampling: Sampling
+    sampling: Sampling  # its params' logprobs: top_logprobs when logprobs is true, else None
     logprobs: bool = False
-    top_logprobs: int = 0
 
 
 def parse_chat(body: Mapping[str, Any], settings: Settings) -> ChatRequest:
     """Validates a chat completions body."""
     v = parse_fields(body, CHAT_FIELDS)
-    sampling = sampling_from(v, settings)
     param = "max_completion_tokens" if v["max_completion_tokens"] is not None else "max_tokens"
     max_tokens = v[param]
     if max_tokens is not None:
@@ -128,11 +126,11 @@ def parse_chat(body: Mapping[str, Any], settings: Settings) -> ChatRequest:
             raise invalid("top_logprobs", "top_logprobs requires logprobs to be true")
         if top > MAX_TOP_LOGPROBS:
             raise invalid("top_logprobs", f"top_logprobs is {top}, but it must be at most {MAX_TOP_LOGPROBS}")
+    logprobs = (top or 0) if v["logprobs"] else None
     return ChatRequest(
         model=v["model"],
         messages=v["messages"],
         max_tokens=max_tokens,
-        sampling=sampling,
+        sampling=sampling_from(v, settings, logprobs=logprobs),
         logprobs=v["logprobs"],
-        top_logprobs=top or 0,
     )

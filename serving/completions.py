@@ -8,12 +8,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from gpt2jax.engine.api import Engine, TokenLogprob
+from gpt2jax.engine.api import Engine, GenerationRequest, TokenLogprob
 from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.generation import (
     ChoiceState,
     Primed,
-    build_request,
     check_token_ids,
     collect,
     context_error,
@@ -52,10 +51,10 @@ def tokenize_prompts(req: CompletionRequest, engine: Engine, *, truncate: bool) 
         ids = tok.encode(p) if isinstance(p, str) else list(p)
         check_token_ids(engine, ids, "prompt")
         ids = ids or [tok.eos_token_id]  # an empty prompt starts a new document
-        if len(ids) + req.max_tokens > n_ctx:
-            keep = n_ctx - req.max_tokens
+        if len(ids) + req.params.max_tokens > n_ctx:
+            keep = n_ctx - req.params.max_tokens
             if not truncate or keep < 1:
-                raise context_error(n_ctx, len(ids), req.max_tokens)
+                raise context_error(n_ctx, len(ids), req.params.max_tokens)
             ids = ids[-keep:]
         jobs.append(PromptJob(tuple(ids), *tok.decode_complete(ids)))
     return jobs
@@ -63,21 +62,9 @@ def tokenize_prompts(req: CompletionRequest, engine: Engine, *, truncate: bool) 
 
 async def start(engine: Engine, req: CompletionRequest, jobs: Sequence[PromptJob]) -> list[Primed]:
     """One engine request per prompt, all started (see generation.start_all)."""
-    for token, _ in req.sampling.logit_bias:
+    for token, _ in req.params.logit_bias:
         check_token_ids(engine, [token], "logit_bias")
-    echo_logprobs = req.echo and req.logprobs is not None
-    requests = [
-        build_request(
-            job.ids,
-            req.sampling,
-            max_tokens=req.max_tokens,
-            stop=req.sampling.stop,
-            best_of=req.best_of,
-            logprobs=req.logprobs,
-            echo_logprobs=echo_logprobs,
-        )
-        for job in jobs
-    ]
+    requests = [GenerationRequest(job.ids, req.params) for job in jobs]
     return await start_all(engine, requests)
 
 
@@ -131,7 +118,7 @@ class CompletionShaper:
         self.on_usage = on_usage  # called once with the usage when the request completes
         self.id = new_id("cmpl")
         self.created = int(time.time())
-        self.per_prompt = req.sampling.n
+        self.per_prompt = req.params.n
 
     def _head(self) -> dict[str, Any]:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
@@ -146,7 +133,7 @@ class CompletionShaper:
             job = self._job(index)
             text = "".join(st.text)
             logprobs = None
-            if self.req.logprobs is not None:
+            if self.req.params.logprobs is not None:
                 if self.req.echo:
                     logprobs = legacy_logprobs(self.tok, [*st.prompt, *st.tokens], 0)
                 else:
@@ -180,7 +167,7 @@ class CompletionShaper:
                 continue
             st.started = True
             logprobs = None
-            if self.req.logprobs is not None:
+            if self.req.params.logprobs is not None:
                 before = sent_ids.setdefault(index, [])
                 if self.req.echo:
                     logprobs = legacy_logprobs(self.tok, entries, 0, before)

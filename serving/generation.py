@@ -14,37 +14,6 @@ from collections.abc import AsyncIterator, Sequence
 
 from gpt2jax.engine.api import Engine, Event, GenerationRequest, TokenLogprob
 from serving.errors import APIError, from_engine_error, internal_error, invalid
-from serving.schemas import Sampling
-
-
-def build_request(
-    prompt: Sequence[int],
-    sampling: Sampling,
-    *,
-    max_tokens: int,
-    stop: Sequence[str],
-    best_of: int | None = None,
-    logprobs: int | None = None,
-    echo_logprobs: bool = False,
-    strip_leading: str = "",
-) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=tuple(prompt),
-        max_tokens=max_tokens,
-        n=sampling.n,
-        best_of=best_of,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        logit_bias=sampling.logit_bias,
-        seed=sampling.seed,
-        stop=tuple(stop),
-        logprobs=logprobs,
-        echo_logprobs=echo_logprobs,
-        strip_leading=strip_leading,
-    )
 
 
 def check_token_ids(engine: Engine, ids: Sequence[int], param: str) -> None:

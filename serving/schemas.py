@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from gpt2jax.sampling_params import SamplingParams
 from serving.errors import invalid
 from serving.fields import (
     Field,
@@ -144,17 +145,9 @@ COMPLETION_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Settings of the sampler common to both endpoints."""
+    """What both endpoints share: the sampling record handed to the engine, and how to deliver it."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    seed: int | None = None
+    params: SamplingParams
     user: str | None = None
     stream: bool = False
     include_usage: bool = False
@@ -164,21 +157,26 @@ class Sampling:
 class CompletionRequest:
     model: str
     prompts: tuple[Prompt, ...]
-    max_tokens: int
     sampling: Sampling
-    best_of: int | None = None
     echo: bool = False
-    logprobs: int | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.sampling.params
 
 
-def sampling_from(values: dict[str, Any], settings: Settings) -> Sampling:
-    """Builds Sampling from parsed SAMPLING_FIELDS values, checking the server's limits."""
+def sampling_from(values: dict[str, Any], settings: Settings, **extra: Any) -> Sampling:
+    """Builds Sampling from parsed field values: every value named like a SamplingParams field becomes
+    part of the record (with `extra` on top), after the server's limits are checked."""
     if values["n"] > settings.max_n:
         raise invalid("n", f"n is {values['n']}, but this server allows at most {settings.max_n} (MAX_N)")
     if values["stream_options"] and not values["stream"]:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
-    names = [f.name for f in dataclasses.fields(Sampling) if f.name != "include_usage"]
-    return Sampling(**{k: values[k] for k in names}, include_usage=values["stream_options"])
+    try:
+        params = SamplingParams.from_values({f.name: values[f.name] for f in SAMPLING_FIELDS} | extra)
+    except ValueError as e:  # the record's own checks; its messages start with the field's name
+        raise invalid(str(e).split()[0], str(e)) from None
+    return Sampling(params, values["user"], values["stream"], values["stream_options"])
 
 
 def check_max_tokens(max_tokens: int, settings: Settings, param: str = "max_tokens") -> None:
@@ -194,26 +192,25 @@ def parse_completion(body: Mapping[str, Any], settings: Settings) -> CompletionR
     v = parse_fields(body, COMPLETION_FIELDS)
     if v["suffix"]:
         raise invalid("suffix", "suffix is not supported: GPT-2 can only continue text, not insert it")
-    sampling = sampling_from(v, settings)
+    n = v["n"]
     check_max_tokens(v["max_tokens"], settings)
     if len(v["prompt"]) > settings.max_prompts:
         raise invalid("prompt", f"at most {settings.max_prompts} prompts per request (MAX_PROMPTS)")
     best_of = v["best_of"]
     if best_of is not None:
-        if best_of < sampling.n:
-            raise invalid("best_of", f"best_of ({best_of}) must be greater than or equal to n ({sampling.n})")
+        if best_of < n:
+            raise invalid("best_of", f"best_of ({best_of}) must be greater than or equal to n ({n})")
         if best_of > settings.max_n:
             raise invalid("best_of", f"best_of is {best_of}, but this server allows at most {settings.max_n}")
-        if sampling.stream and best_of > 1:
+        if v["stream"] and best_of > 1:
             raise invalid(
                 "best_of", "best_of cannot be used with stream: the best choices are known at the end"
             )
+    extra = dict(max_tokens=v["max_tokens"], best_of=best_of, logprobs=v["logprobs"])
+    prompt_logprobs = v["echo"] and v["logprobs"] is not None
     return CompletionRequest(
-        model=v["model"],
-        prompts=v["prompt"],
-        max_tokens=v["max_tokens"],
-        sampling=sampling,
-        best_of=best_of,
-        echo=v["echo"],
-        logprobs=v["logprobs"],
+        v["model"],
+        v["prompt"],
+        sampling_from(v, settings, **extra, prompt_logprobs=prompt_logprobs),
+        v["echo"],
     )

@@ -25,7 +25,8 @@ from waits import HANG
 from gpt2jax import sampling
 from gpt2jax.engine.api import EngineError, EngineOverloaded, Event, GenerationRequest, TokenLogprob
 from gpt2jax.engine.choice import choice_for, find_stop
-from gpt2jax.lm import LanguageModel, derive_seed
+from gpt2jax.lm import LanguageModel
+from gpt2jax.sampling_params import derive_seed
 from gpt2jax.tokenizer import GPT2Tokenizer
 
 
@@ -72,13 +73,13 @@ class FakeEngine:
         pass
 
     def warmup(self) -> None:
-        self._run(GenerationRequest(prompt=(self.model.config.eos_token_id,), max_tokens=2))
+        self._run(GenerationRequest.of(prompt=(self.model.config.eos_token_id,), max_tokens=2))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         self.requests.append(request)
         if self.overloaded:
             raise EngineOverloaded("fake engine: overloaded")
-        if len(request.prompt) + request.max_tokens > self.n_ctx:
+        if len(request.prompt) + request.params.max_tokens > self.n_ctx:
             raise EngineError(f"prompt + max_tokens exceeds the context length {self.n_ctx}")
         async with self._lock:
             choices = await asyncio.to_thread(self._run, request)
@@ -96,25 +97,17 @@ class FakeEngine:
 
     def _run(self, r: GenerationRequest) -> list[list[Event]]:
         cfg, tok = self.model.config, self.tokenizer
-        rows = r.best_of or r.n
+        rows = r.params.candidates
         batch = max(self.rows, rows + 1)
-        seed = secrets.randbits(63) if r.seed is None else r.seed
-        sp = sampling.make_params(
-            batch,
-            cfg.n_vocab,
-            temperature=r.temperature,
-            top_k=r.top_k,
-            top_p=r.top_p,
-            presence_penalty=r.presence_penalty,
-            frequency_penalty=r.frequency_penalty,
-            logit_bias=[dict(r.logit_bias)] * batch,
-            seed=[derive_seed(seed, i) for i in range(batch)],
+        seed = secrets.randbits(63) if r.params.seed is None else r.params.seed
+        sp = sampling.tensors_from(
+            [r.params.replace(seed=derive_seed(seed, i)) for i in range(batch)], cfg.n_vocab
         )
-        limits = [r.max_tokens] * rows + [self.n_ctx - len(r.prompt)] * (batch - rows)
+        limits = [r.params.max_tokens] * rows + [self.n_ctx - len(r.prompt)] * (batch - rows)
 
         def should_stop(row: int, ids: list[int]) -> bool:
             return row >= rows or (
-                bool(r.stop) and find_stop(tok.decode(ids).lstrip(r.strip_leading), r.stop) >= 0
+                bool(r.params.stop) and find_stop(tok.decode(ids).lstrip(r.strip_leading), r.params.stop) >= 0
             )
 
         result = self.model.sampler.generate(
@@ -122,10 +115,10 @@ class FakeEngine:
             [list(r.prompt)] * batch,
             limits,
             sp,
-            logprobs=r.logprobs is not None,
+            logprobs=r.params.logprobs is not None,
             should_stop=should_stop,
         )
-        k = r.logprobs or 0
+        k = r.params.logprobs or 0
         choices = []
         for row in range(rows):
             toks = [
@@ -141,13 +134,13 @@ class FakeEngine:
             events = events_for(tok, row, toks, r, cfg.eos_token_id)
             mean = float(np.mean([t.logprob for t in toks])) if toks else 0.0
             choices.append((mean, events))
-        if r.best_of:  # the n with the best mean token logprob, renumbered
-            choices = sorted(choices, key=lambda c: -c[0])[: r.n]
+        if r.params.best_of:  # the n with the best mean token logprob, renumbered
+            choices = sorted(choices, key=lambda c: -c[0])[: r.params.n]
             choices = [
                 (m, [Event(**{**e.__dict__, "index": i}) for e in ev]) for i, (m, ev) in enumerate(choices)
             ]
         out = [events for _, events in choices]
-        if r.echo_logprobs:
+        if r.params.prompt_logprobs:
             scores = self.model.score_ids([list(r.prompt)])[0]
             prompt = tuple(
                 self._token(
@@ -186,10 +179,10 @@ class ScriptedEngine:
         if self.error is not None:
             raise self.error
         tok = self.tokenizer
-        ids = tok.encode(self.reply)[: request.max_tokens]
-        if len(ids) < request.max_tokens:  # the reply ended: as if the model sampled end-of-text
+        ids = tok.encode(self.reply)[: request.params.max_tokens]
+        if len(ids) < request.params.max_tokens:  # the reply ended: as if the model sampled end-of-text
             ids.append(tok.eos_token_id)
-        k = request.logprobs or 0
+        k = request.params.logprobs or 0
         toks = [
             TokenLogprob(
                 t, tok.token_str(t), -1.0, tuple((t, tok.token_str(t), -1.0) for _ in range(min(k, 1)))
@@ -197,14 +190,14 @@ class ScriptedEngine:
             for t in ids
         ]
         prompt = ()
-        if request.echo_logprobs:
+        if request.params.prompt_logprobs:
             prompt = tuple(
                 TokenLogprob(t, tok.token_str(t), None if j == 0 else -2.0)
                 for j, t in enumerate(request.prompt)
             )
         self.open_streams += 1
         try:
-            for i in range(request.n):
+            for i in range(request.params.n):
                 for j, event in enumerate(events_for(tok, i, toks, request, tok.eos_token_id)):
                     if j == 0 and prompt:
                         event = Event(**{**event.__dict__, "prompt": prompt})

@@ -76,13 +76,20 @@ def test_chat_completion(app, engine):
     assert prompt.startswith("You are terse.\n\nUser: Hi\n") and prompt.endswith(
         "User: How are you?\nAssistant:"
     )
-    assert req.stop == ("!", "\nUser:", "\nAssistant:") and req.seed == 5 and req.max_tokens == 10
+    assert (
+        req.params.stop == ("!", "\nUser:", "\nAssistant:")
+        and req.params.seed == 5
+        and req.params.max_tokens == 10
+    )
     assert r["usage"]["prompt_tokens"] == len(req.prompt)
 
 
 def test_max_tokens_defaults_and_limits(app, engine):
-    assert chat(app)[0] == 200 and engine.requests[-1].max_tokens == 40  # MAX_TOKENS fits the context
-    assert chat(app, max_tokens=5, max_completion_tokens=7)[0] == 200 and engine.requests[-1].max_tokens == 7
+    assert chat(app)[0] == 200 and engine.requests[-1].params.max_tokens == 40  # MAX_TOKENS fits the context
+    assert (
+        chat(app, max_tokens=5, max_completion_tokens=7)[0] == 200
+        and engine.requests[-1].params.max_tokens == 7
+    )
     status, r = chat(app, max_completion_tokens=41)
     assert (
         status == 400
@@ -100,7 +107,7 @@ def test_max_tokens_defaults_and_limits(app, engine):
 
 def test_chat_logprobs(app, engine):
     status, r = chat(app, max_tokens=3, logprobs=True, top_logprobs=1)
-    assert status == 200 and engine.requests[-1].logprobs == 1
+    assert status == 200 and engine.requests[-1].params.logprobs == 1
     content = r["choices"][0]["logprobs"]["content"]
     assert len(content) == 3 and set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
     assert bytes(content[1]["bytes"]).decode() == content[1]["token"] and len(content[1]["top_logprobs"]) == 1
@@ -135,5 +142,5 @@ def test_per_model_template(tok):
     assert (
         status == 200
         and tok.decode(engine.requests[-1].prompt) == "Q: 2+2?\nA:"
-        and engine.requests[-1].stop == ()
+        and engine.requests[-1].params.stop == ()
     )

@@ -85,7 +85,14 @@ def test_completion_maps_every_setting(app, engine):
     assert r["object"] == "text_completion" and r["id"].startswith("cmpl-") and isinstance(r["created"], int)
     assert r["model"] == "tiny" and [c["index"] for c in r["choices"]] == [0, 1]
     req = engine.requests[-1]
-    assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.n, req.best_of) == (
+    assert (
+        req.params.max_tokens,
+        req.params.temperature,
+        req.params.top_p,
+        req.params.top_k,
+        req.params.n,
+        req.params.best_of,
+    ) == (
         3,
         0.5,
         0.9,
@@ -93,8 +100,17 @@ def test_completion_maps_every_setting(app, engine):
         2,
         3,
     )
-    assert req.stop == ("xyz",) and req.logit_bias == ((5, -100.0), (6, 2.5)) and req.seed == 42
-    assert (req.presence_penalty, req.frequency_penalty, req.logprobs, req.echo_logprobs) == (
+    assert (
+        req.params.stop == ("xyz",)
+        and req.params.logit_bias == ((5, -100.0), (6, 2.5))
+        and req.params.seed == 42
+    )
+    assert (
+        req.params.presence_penalty,
+        req.params.frequency_penalty,
+        req.params.logprobs,
+        req.params.prompt_logprobs,
+    ) == (
         0.1,
         -0.2,
         1,
@@ -111,7 +127,13 @@ def test_nulls_mean_unset(app, engine):
     status, _, r = post(app, "/v1/completions", nulls | {"model": "tiny"})
     assert status == 200, r
     req = engine.requests[-1]
-    assert (req.max_tokens, req.n, req.temperature, req.logprobs, req.stop) == (16, 1, 1.0, None, ())
+    assert (
+        req.params.max_tokens,
+        req.params.n,
+        req.params.temperature,
+        req.params.logprobs,
+        req.params.stop,
+    ) == (16, 1, 1.0, None, ())
     assert req.prompt == (engine.tokenizer.eos_token_id,)  # the default prompt is <|endoftext|>
 
 
@@ -138,7 +160,7 @@ def test_echo_logprobs(app, engine):
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == n and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert lp["text_offset"] == engine.tokenizer.text_offsets(engine.tokenizer.encode("Hello world"))
-    assert engine.requests[-1].echo_logprobs
+    assert engine.requests[-1].params.prompt_logprobs
 
 
 def test_legacy_get_coerces_the_query(app, engine):
@@ -151,7 +173,12 @@ def test_legacy_get_coerces_the_query(app, engine):
     r = json.loads(body)
     assert all(c["text"].startswith("Hello, my") for c in r["choices"]) and len(r["choices"]) == 2
     req = engine.requests[-1]
-    assert (req.max_tokens, req.n, req.temperature, req.stop) == (3, 2, 0.5, ("a", "b"))
+    assert (req.params.max_tokens, req.params.n, req.params.temperature, req.params.stop) == (
+        3,
+        2,
+        0.5,
+        ("a", "b"),
+    )
     status, _, body = call(app, "GET", "/v1/engines/tiny/completions?max_tokens=lots")
     assert status == 400 and json.loads(body)["error"]["param"] == "max_tokens"
 

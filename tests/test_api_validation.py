@@ -36,12 +36,19 @@ def test_stop_forms():
 
 def test_defaults_and_nulls():
     req = parse_completion({"model": "m", "prompt": None, "max_tokens": None, "n": None, "stop": None}, S)
-    assert (req.max_tokens, req.sampling.n, req.sampling.stop, req.prompts) == (16, 1, (), ("<|endoftext|>",))
-    assert req.sampling.temperature == 1.0 and req.logprobs is None and not req.echo
+    assert (req.params.max_tokens, req.params.n, req.params.stop, req.prompts) == (
+        16,
+        1,
+        (),
+        ("<|endoftext|>",),
+    )
+    assert req.params.temperature == 1.0 and req.params.logprobs is None and not req.echo
 
 
 def test_numbers_are_strict():
-    assert parse_completion({"model": "m", "max_tokens": 4.0}, S).max_tokens == 4  # 4.0 is an integer in JSON
+    assert (
+        parse_completion({"model": "m", "max_tokens": 4.0}, S).params.max_tokens == 4
+    )  # 4.0 is an integer in JSON
     for field, value in (("max_tokens", True), ("temperature", "1"), ("top_p", float("nan")), ("n", 1.5)):
         e = error_of(parse_completion, {"model": "m", field: value}, S)
         assert e.param == field and e.status == 400, e.message

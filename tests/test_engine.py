@@ -72,13 +72,13 @@ def mixed_requests(tokenizer) -> list[GenerationRequest]:
         dict(temperature=0.9, seed=5, stop=("e", " t", "d d"), logprobs=0),
         dict(temperature=1.2, top_k=20, seed=3, stop=("on", "\n")),
         dict(temperature=0.7, n=2, seed=4, frequency_penalty=0.5),
-        dict(temperature=0.0, logit_bias=((5, 5.0), (17, -100.0)), echo_logprobs=True, logprobs=2),
+        dict(temperature=0.0, logit_bias=((5, 5.0), (17, -100.0)), prompt_logprobs=True, logprobs=2),
     ]
     out = []
     for i in range(16):
         prompt = tuple(tokenizer.encode(PROMPTS[i % len(PROMPTS)] + " x" * (i // 2)))
         out.append(
-            GenerationRequest(prompt=prompt, max_tokens=6 + (i * 5) % 20, **settings[i % len(settings)])
+            GenerationRequest.of(prompt=prompt, max_tokens=6 + (i * 5) % 20, **settings[i % len(settings)])
         )
     return out
 
@@ -169,11 +169,11 @@ def test_results_are_the_same_alone_and_batched(mixed):
     requests, batched, alone, _ = mixed
     assert_same(summary(batched), summary(alone))
     for r, choices in zip(requests, batched, strict=True):
-        assert len(choices) == r.n
+        assert len(choices) == r.params.n
         for c in choices:
             assert c.finish_reason in ("stop", "length")
-            assert c.completion_tokens <= r.max_tokens
-            assert bool(c.prompt) == r.echo_logprobs
+            assert c.completion_tokens <= r.params.max_tokens
+            assert bool(c.prompt) == r.params.prompt_logprobs
 
 
 def test_decode_runs_only_the_leading_slots_that_are_busy(lm, engine, monkeypatch):
@@ -204,28 +204,32 @@ def test_no_compilation_after_warmup(mixed):
 
 def test_greedy_and_seeded_outputs_match_the_notebook_api(lm, mixed):
     requests, batched, _, _ = mixed
-    plain = [i for i, r in enumerate(requests) if r.temperature == 0 and not r.logit_bias and not r.stop]
+    plain = [
+        i
+        for i, r in enumerate(requests)
+        if r.params.temperature == 0 and not r.params.logit_bias and not r.params.stop
+    ]
     for i in plain:
         r = requests[i]
         text = lm.tokenizer.decode(r.prompt)
         ref = lm.generate(
             text,
-            max_tokens=r.max_tokens,
+            max_tokens=r.params.max_tokens,
             temperature=0,
-            frequency_penalty=r.frequency_penalty,
-            presence_penalty=r.presence_penalty,
+            frequency_penalty=r.params.frequency_penalty,
+            presence_penalty=r.params.presence_penalty,
         )
         assert batched[i][0].text == ref[0]
     # n=2 with a seed: choice i has seed derive_seed(seed, i), as the notebook API's row i does.
-    i = next(i for i, r in enumerate(requests) if r.n == 2)
+    i = next(i for i, r in enumerate(requests) if r.params.n == 2)
     r = requests[i]
     ref = lm.generate(
         lm.tokenizer.decode(r.prompt),
-        max_tokens=r.max_tokens,
-        temperature=r.temperature,
-        frequency_penalty=r.frequency_penalty,
+        max_tokens=r.params.max_tokens,
+        temperature=r.params.temperature,
+        frequency_penalty=r.params.frequency_penalty,
         n=2,
-        seed=r.seed,
+        seed=r.params.seed,
     )
     assert [c.text for c in batched[i]] == ref
     assert ref[0] != ref[1]
@@ -281,8 +285,8 @@ def slow_decode(engine: BatchEngine, monkeypatch, seconds: float) -> None:
 
 
 def long_request(lm, **kw) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=tuple(lm.tokenizer.encode("The")), max_tokens=100, stop_at_eos=False, temperature=0.0, **kw
+    return GenerationRequest.of(
+        prompt=tuple(lm.tokenizer.encode("The")), max_tokens=100, ignore_eos=True, temperature=0.0, **kw
     )
 
 
@@ -331,7 +335,7 @@ def test_a_late_request_waits_for_one_chunk_not_two(lm, engine, monkeypatch):
         await anext(running)
         await until(lambda: len(in_flight["decode"]) >= 3)
         in_flight["prefill"].clear()
-        late = GenerationRequest(prompt=(5, 6), max_tokens=2, stop_at_eos=False, temperature=0.0)
+        late = GenerationRequest.of(prompt=(5, 6), max_tokens=2, ignore_eos=True, temperature=0.0)
         await collect(engine, late)  # takes the last free slot
         assert in_flight["prefill"] == [0]
         while engine.busy_slots:
@@ -347,7 +351,7 @@ def test_prompts_admitted_together_prefill_in_the_smallest_compiled_batch(lm, en
     here), not one padded to 8; their results are the ones they get alone."""
 
     def greedy(prompt: str) -> GenerationRequest:
-        return GenerationRequest(prompt=tuple(lm.tokenizer.encode(prompt)), max_tokens=5, temperature=0.0)
+        return GenerationRequest.of(prompt=tuple(lm.tokenizer.encode(prompt)), max_tokens=5, temperature=0.0)
 
     alone = [asyncio.run(collect(engine, greedy(p)))[0].text for p in PROMPTS[:3]]
     slow_decode(engine, monkeypatch, 0.05)
@@ -400,13 +404,13 @@ def test_many_requests_with_random_cancellations_leak_nothing(lm, engine, monkey
     rng = random.Random(0)
 
     async def one(i: int):
-        r = GenerationRequest(
+        r = GenerationRequest.of(
             prompt=tuple(lm.tokenizer.encode(PROMPTS[i % len(PROMPTS)])),
             max_tokens=rng.choice([0, 1, 2, 5, 8]),
             n=rng.choice([1, 1, 2]),
             temperature=rng.choice([0.0, 1.0]),
             seed=i,
-            echo_logprobs=rng.random() < 0.2,
+            prompt_logprobs=rng.random() < 0.2,
             logprobs=rng.choice([None, 2]),
             stop=rng.choice([(), ("e",)]),
         )
@@ -446,7 +450,7 @@ def test_errors_fail_the_affected_requests_and_the_engine_keeps_serving(lm, engi
         return real(*args)
 
     monkeypatch.setattr(engine.programs, "decode", fails_once)
-    request = GenerationRequest(prompt=tuple(lm.tokenizer.encode("x = 1")), max_tokens=10, temperature=0)
+    request = GenerationRequest.of(prompt=tuple(lm.tokenizer.encode("x = 1")), max_tokens=10, temperature=0)
     with pytest.raises(EngineFault, match="injected"):
         asyncio.run(collect(engine, request))
     assert asyncio.run(collect(engine, request))[0].completion_tokens == 10
@@ -458,10 +462,10 @@ def test_invalid_requests_are_refused_before_any_event(lm, engine):
         return await anext(engine.generate(r))
 
     for bad in [
-        GenerationRequest(prompt=()),
-        GenerationRequest(prompt=(1,), max_tokens=engine.n_ctx),
-        GenerationRequest(prompt=(1,), n=SLOTS + 1),
-        GenerationRequest(prompt=(lm.config.n_vocab,)),
+        GenerationRequest.of(prompt=()),
+        GenerationRequest.of(prompt=(1,), max_tokens=engine.n_ctx),
+        GenerationRequest.of(prompt=(1,), n=SLOTS + 1),
+        GenerationRequest.of(prompt=(lm.config.n_vocab,)),
     ]:
         with pytest.raises(EngineError):
             asyncio.run(first(bad))
@@ -472,12 +476,12 @@ def test_invalid_requests_are_refused_before_any_event(lm, engine):
 
 def test_stop_string_spanning_tokens_is_cut_and_never_streamed(lm, engine):
     prompt = tuple(lm.tokenizer.encode("Return the value of"))
-    free = asyncio.run(collect(engine, GenerationRequest(prompt=prompt, max_tokens=12, temperature=0)))[0]
+    free = asyncio.run(collect(engine, GenerationRequest.of(prompt=prompt, max_tokens=12, temperature=0)))[0]
     pieces = [lm.tokenizer.decode([t.token]) for t in free.tokens]
     k = next(i for i in range(2, len(pieces)) if pieces[i - 1] and pieces[i])
     stop = pieces[k - 1][-1:] + pieces[k][:1]  # the last character of one token and the first of the next
     cut = free.text.find(stop)
-    r = GenerationRequest(
+    r = GenerationRequest.of(
         prompt=prompt, max_tokens=12, temperature=0, stop=("zzz-not-there", stop), logprobs=1
     )
     got = asyncio.run(collect(engine, r))[0]
@@ -490,7 +494,7 @@ def test_stop_string_spanning_tokens_is_cut_and_never_streamed(lm, engine):
 def test_logprobs_agree_with_scoring(lm, engine):
     text = "Return the value of the named attribute"
     prompt = tuple(lm.tokenizer.encode(text))
-    r = GenerationRequest(prompt=prompt, max_tokens=5, temperature=0, logprobs=3, echo_logprobs=True)
+    r = GenerationRequest.of(prompt=prompt, max_tokens=5, temperature=0, logprobs=3, prompt_logprobs=True)
     c = asyncio.run(collect(engine, r))[0]
     expected = lm.score(text)
     assert c.prompt[0].logprob is None and c.prompt[0].top == ()
@@ -507,7 +511,7 @@ def test_logprobs_agree_with_scoring(lm, engine):
 
 def test_echo_scoring_with_zero_max_tokens(lm, engine):
     prompt = tuple(lm.tokenizer.encode("For example, the following code"))
-    r = GenerationRequest(prompt=prompt, max_tokens=0, logprobs=1, echo_logprobs=True, n=2)
+    r = GenerationRequest.of(prompt=prompt, max_tokens=0, logprobs=1, prompt_logprobs=True, n=2)
     choices = asyncio.run(collect(engine, r))
     assert [c.finish_reason for c in choices] == ["length", "length"]
     assert all(c.text == "" and c.completion_tokens == 0 and len(c.prompt) == len(prompt) for c in choices)
@@ -515,9 +519,9 @@ def test_echo_scoring_with_zero_max_tokens(lm, engine):
 
 def test_best_of_returns_the_choice_with_the_highest_mean_logprob(lm, engine):
     prompt = tuple(lm.tokenizer.encode("import os"))
-    base = dict(prompt=prompt, max_tokens=6, temperature=1.0, seed=11, stop_at_eos=False)
-    all3 = asyncio.run(collect(engine, GenerationRequest(n=3, **base)))
-    best = asyncio.run(collect(engine, GenerationRequest(n=1, best_of=3, **base)))
+    base = dict(prompt=prompt, max_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
+    all3 = asyncio.run(collect(engine, GenerationRequest.of(n=3, **base)))
+    best = asyncio.run(collect(engine, GenerationRequest.of(n=1, best_of=3, **base)))
     assert len(best) == 1 and best[0].events == 1
     means = [np.mean([t.logprob for t in c.tokens]) for c in all3]
     assert best[0].text == all3[int(np.argmax(means))].text
@@ -527,7 +531,7 @@ def test_two_engines_serve_side_by_side(lm, engine, mixed):
     """A second engine (another model would be the same) has its own slots, thread and metrics."""
     other = BatchEngine.from_model(lm, name="other", slots=2, chunk_size=2)
     requests, batched, _, _ = mixed
-    i = next(i for i, r in enumerate(requests) if r.temperature == 0 and r.n == 1)
+    i = next(i for i, r in enumerate(requests) if r.params.temperature == 0 and r.params.n == 1)
 
     async def both():
         return await asyncio.gather(collect(engine, requests[i]), collect(other, requests[i]))
@@ -561,7 +565,7 @@ def test_stop_drains_running_requests(lm, engine, monkeypatch):
     """Stops the shared engine (so this test comes last), then starts it again."""
     eng = engine
     slow_decode(eng, monkeypatch, 0.02)
-    r = GenerationRequest(prompt=(1,), max_tokens=20, temperature=0, stop_at_eos=False)
+    r = GenerationRequest.of(prompt=(1,), max_tokens=20, temperature=0, ignore_eos=True)
 
     async def go():
         task = asyncio.ensure_future(collect(eng, r))

@@ -62,8 +62,8 @@ def test_a_server_is_ready_before_the_rest_compiles_and_then_needs_no_compiling(
         lm = gpt2jax.load(tiny_checkpoint)
         prompt = tuple(lm.tokenizer.encode("x " * 100))[:70]  # a prompt of the longest bucket
         requests = [
-            GenerationRequest(prompt=prompt, max_tokens=50, temperature=0.0, stop_at_eos=False, n=2),
-            GenerationRequest(prompt=prompt[:5], max_tokens=3, echo_logprobs=True, logprobs=1),
+            GenerationRequest.of(prompt=prompt, max_tokens=50, temperature=0.0, ignore_eos=True, n=2),
+            GenerationRequest.of(prompt=prompt[:5], max_tokens=3, prompt_logprobs=True, logprobs=1),
         ]
         for r in requests:
             asyncio.run(collect(engine, r))
@@ -76,7 +76,7 @@ def test_requests_served_while_compiling_and_a_stop_that_interrupts_it(tiny_chec
     lm = gpt2jax.load(tiny_checkpoint)
     engine = BatchEngine.from_model(lm, slots=2, chunk_size=2, queue_timeout=HANG)
     text = "import os" + " x" * 40  # a longer prompt than the first programs cover
-    r = GenerationRequest(prompt=tuple(lm.tokenizer.encode(text)), max_tokens=30, temperature=0.0)
+    r = GenerationRequest.of(prompt=tuple(lm.tokenizer.encode(text)), max_tokens=30, temperature=0.0)
     try:
         engine.warmup(background=True)
         got = asyncio.run(collect(engine, r))  # its programs compile now if the thread has not yet

@@ -162,7 +162,9 @@ def test_a_hung_up_waiting_request_leaves_the_queue_at_once(tiny_checkpoint):
     engine = BatchEngine.from_model(model, slots=2, max_queue=1)  # not started: jobs stay queued
     loop = asyncio.new_event_loop()
     try:
-        job = lambda: Job(GenerationRequest(prompt=(1, 2)), model.tokenizer, model.config.eos_token_id, loop)
+        job = lambda: Job(
+            GenerationRequest.of(prompt=(1, 2)), model.tokenizer, model.config.eos_token_id, loop
+        )
         first = job()
         engine.worker.submit(first)
         with pytest.raises(EngineOverloaded):

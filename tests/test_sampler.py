@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import gpt2jax
-from gpt2jax.sampler import Sampler, bucket, steps_until_done
+from gpt2jax.decode import steps_until_done
+from gpt2jax.sampler import Sampler, bucket
 from gpt2jax.sampling import SampleOutput, make_params
 
 

@@ -8,9 +8,10 @@ start of a stop string is held back), logprobs and finish reasons; the HTTP laye
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
 
+from gpt2jax.sampling_params import SamplingParams
 from gpt2jax.tokenizer import GPT2Tokenizer
 
 
@@ -24,22 +25,16 @@ class EngineError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
+    """One prompt to complete: its token ids and its sampling record, passed whole to the device row."""
+
     prompt: tuple[int, ...]  # token ids, at least one
-    max_tokens: int = 16  # 0 allowed: only prompt logprobs (echo scoring)
-    n: int = 1  # choices returned; with best_of, the best n of best_of
-    best_of: int | None = None  # generate this many, return the n with the highest mean token logprob
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    seed: int | None = None  # None: random
-    stop: tuple[str, ...] = ()  # up to 4 strings; the returned text excludes them
-    logprobs: int | None = None  # None: no logprobs; 0..NUM_TOP_LOGPROBS (20) alternatives per token
-    echo_logprobs: bool = False  # also score the prompt tokens (for echo + logprobs)
-    stop_at_eos: bool = True
+    params: SamplingParams = SamplingParams()
     strip_leading: str = ""  # characters dropped from the start of the text before stops (chat: " ")
+
+    @classmethod
+    def of(cls, prompt: Sequence[int], strip_leading: str = "", **settings: Any) -> GenerationRequest:
+        """A request from SamplingParams fields given as keywords."""
+        return cls(tuple(prompt), SamplingParams(**settings), strip_leading)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,29 +33,16 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpt2jax import sampling
+from gpt2jax import decode, sampling
 from gpt2jax.config import GPT2Config
+from gpt2jax.decode import DecodeState, PromptScores
+from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_row_counts
-from gpt2jax.model import KVCache, forward, forward_last, init_cache
-from gpt2jax.sampler import PromptScores, prompt_scores, steps_until_done
+from gpt2jax.model import KVCache, init_cache
+from gpt2jax.sampling_params import SamplingParams
 from gpt2jax.sharding import Layout, make_mesh
 
 AXIS = "data"
-
-
-class SlotState(NamedTuple):
-    """Everything the decode loop carries per slot, each with a leading slot dim S."""
-
-    cache: KVCache  # per layer (k, v) [S, n_head, n_ctx, head_dim]
-    token: jax.Array  # [S] i32, the last sampled token: the next step's input
-    position: jax.Array  # [S] i32, where `token` sits in the sequence
-    counts: jax.Array  # [S, V] i32, how often each token was generated (for penalties)
-    step: jax.Array  # [S] i32, tokens generated so far (also indexes the row's random stream)
-    max_tokens: jax.Array  # [S] i32
-    eos: jax.Array  # [S] i32, the token that ends the row; -1 for none
-    want_top: jax.Array  # [S] bool, the row asked for top logprobs
-    done: jax.Array  # [S] bool, finished (end-of-text, max_tokens, or released by the host)
-    params: sampling.SamplingParams  # [S] rows
 
 
 class SlotRow(NamedTuple):
@@ -65,7 +52,7 @@ class SlotRow(NamedTuple):
     max_tokens: np.ndarray  # [] i32, >= 1
     eos: np.ndarray  # [] i32, -1 for none
     want_top: np.ndarray  # [] bool
-    params: sampling.SamplingParams  # one row each
+    params: sampling.SamplingTensors  # one row each
 
 
 class Prefilled(NamedTuple):
@@ -95,54 +82,14 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     return folder
 
 
-def make_row(
-    length: int,
-    max_tokens: int,
-    eos: int,
-    want_top: bool,
-    n_vocab: int,
-    *,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    presence_penalty: float,
-    frequency_penalty: float,
-    logit_bias: dict[int, float] | None,
-    seed: int,
-) -> SlotRow:
-    """Host-side builder of one slot's settings."""
-    sp = sampling.make_params(
-        1,
-        n_vocab,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        logit_bias=[logit_bias],
-        seed=seed,
-    )
-    return SlotRow(np.int32(length), np.int32(max_tokens), np.int32(eos), np.bool_(want_top), sp)
-
-
-def _advance(state: SlotState, out: sampling.SampleOutput, n_ctx: int) -> SlotState:
-    """Records sampled tokens: each becomes its row's next input; rows may now be done (cf. Sampler)."""
-    rows = state.token.shape[0]
-    live = ~state.done
-    counts = state.counts.at[jnp.arange(rows), out.token].add(live.astype(jnp.int32))
-    step = state.step + live
-    done = state.done | (out.token == state.eos) | (step >= state.max_tokens)
-    position = jnp.where(live, jnp.minimum(state.position + 1, n_ctx - 1), state.position)
-    token = jnp.where(live, out.token, state.token)
-    return state._replace(token=token, position=position, counts=counts, step=step, done=done)
-
-
-def _live_params(sp: sampling.SamplingParams, done: jax.Array) -> sampling.SamplingParams:
-    """Finished rows made greedy and unfiltered, so they never force the costlier sampling branches."""
-    return sp._replace(
-        temperature=jnp.where(done, 0.0, sp.temperature),
-        top_k=jnp.where(done, 0, sp.top_k),
-        top_p=jnp.where(done, 1.0, sp.top_p),
+def make_row(length: int, eos: int, params: SamplingParams, n_vocab: int) -> SlotRow:
+    """Host-side builder of one slot's settings: a choice's record (its own seed already derived)."""
+    return SlotRow(
+        np.int32(length),
+        np.int32(params.max_tokens),
+        np.int32(eos),
+        np.bool_(bool(params.logprobs)),
+        sampling.tensors_from([params], n_vocab),
     )
 
 
@@ -150,7 +97,7 @@ def _window(cache: KVCache, window: int) -> KVCache:
     return tuple((k[:, :, :window], v[:, :, :window]) for k, v in cache)
 
 
-def _leading(state: SlotState, rows: int, window: int) -> SlotState:
+def _leading(state: DecodeState, rows: int, window: int) -> DecodeState:
     """The first `rows` slots of the state, their cache cut to its first `window` positions."""
     state = jax.tree.map(lambda a: a[:rows], state)
     return state._replace(cache=_window(state.cache, window))
@@ -163,7 +110,7 @@ def _put_row(dst: jax.Array, src: jax.Array, at: jax.Array, mine: jax.Array) -> 
     return jax.lax.dynamic_update_slice(dst, jnp.where(mine, src.astype(dst.dtype), old), start)
 
 
-class SlotPrograms:
+class SlotPrograms(DevicePrograms):
     """Owns the mesh, the placed weights and the compiled prefill / insert / decode of one model."""
 
     def __init__(
@@ -187,6 +134,7 @@ class SlotPrograms:
         layout.check(config, slots)
         self.config, self.dtype, self.slots, self.chunk_size = config, dtype, slots, chunk_size
         self.batch_invariant = batch_invariant
+        self.model = decode.Model(config, dtype, layout.qkv_groups)
         # Decode attends over a window of the cache (the first `window` positions), compiled for each
         # power of two from min_window up to n_ctx: while every live row is short, a step reads a
         # fraction of the [slots, n_ctx] cache instead of all of it.
@@ -208,7 +156,7 @@ class SlotPrograms:
         self.params_shardings = params_s = layout.param_shardings(params)
         # Shardings as pytree prefixes: a KV cache splits its heads over "model" (and slots over "data").
         self.kv_sharding = kv = layout.cache_sharding(split_rows=False)
-        self.state_shardings = state_s = SlotState(*[rows] * len(SlotState._fields))._replace(
+        self.state_shardings = state_s = DecodeState(*[rows] * len(DecodeState._fields))._replace(
             cache=layout.cache_sharding(split_rows=True)
         )
         manual = frozenset({AXIS})  # shard_map is manual over "data"; "model" is left to GSPMD
@@ -229,7 +177,7 @@ class SlotPrograms:
         self._decode = {}
         for window in self.windows:
             for n in self.row_counts:
-                decode = jax.shard_map(
+                program = jax.shard_map(
                     partial(self._decode_local, window=window, rows=n),
                     mesh=self.mesh,
                     in_specs=(P(), P(AXIS), P(AXIS)),
@@ -238,7 +186,7 @@ class SlotPrograms:
                     check_vma=False,  # sampling's lax.conds mix per-device and constant values
                 )
                 self._decode[window, n] = jax.jit(
-                    decode,
+                    program,
                     in_shardings=(params_s, state_s, rows),
                     out_shardings=(state_s, steps),
                     donate_argnums=1,
@@ -246,20 +194,13 @@ class SlotPrograms:
 
     # ---- jitted bodies ----
 
-    def _init_impl(self) -> SlotState:
+    def _init_impl(self) -> DecodeState:
         S, V = self.slots, self.config.n_vocab
         zeros = lambda dtype: jnp.zeros((S,), dtype)
-        sp = sampling.SamplingParams(
-            temperature=zeros(jnp.float32),
-            top_k=zeros(jnp.int32),
-            top_p=jnp.ones((S,), jnp.float32),
-            presence_penalty=zeros(jnp.float32),
-            frequency_penalty=zeros(jnp.float32),
-            logit_bias=jnp.zeros((S, V), jnp.float32),
-            rng=jnp.zeros((S, 2), jnp.uint32),
-        )
+        neutral = sampling.tensors_from([sampling.NEUTRAL], V)
+        sp = jax.tree.map(lambda a: jnp.broadcast_to(a, (S, *a.shape[1:])), neutral)
         cache = init_cache(self.config, S, self.config.n_ctx, self.dtype, self.layout.qkv_groups)
-        return SlotState(
+        return DecodeState(
             cache=cache,
             token=zeros(jnp.int32),
             position=zeros(jnp.int32),
@@ -281,18 +222,9 @@ class SlotPrograms:
         KV comes out as its own [1, ...] arrays, so that insert compiles once per bucket, whatever R.
         """
         R, P_ = tokens.shape
-        groups = self.layout.qkv_groups
-        positions = jnp.broadcast_to(jnp.arange(P_, dtype=jnp.int32)[None], (R, P_))
-        cache = init_cache(self.config, R, P_, self.dtype, groups)
+        cache = init_cache(self.config, R, P_, self.dtype, self.layout.qkv_groups)
         cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows=False))
-        if score:
-            logits, cache = forward(params, self.config, tokens, positions, cache, self.dtype, groups)
-            last, scores = logits[jnp.arange(R), lengths - 1], prompt_scores(logits, tokens)  # (R, V)
-        else:
-            last, cache = forward_last(
-                params, self.config, tokens, positions, cache, lengths, self.dtype, groups
-            )
-            scores = None
+        last, cache, scores = decode.prefill(params, self.model, tokens, lengths, cache, score)
         return tuple(
             Prefilled(
                 tuple((k[r : r + 1], v[r : r + 1]) for k, v in cache),
@@ -302,29 +234,26 @@ class SlotPrograms:
             for r in range(R)
         )
 
-    def _first_impl(self, logits: jax.Array, row: SlotRow) -> tuple[SlotState, sampling.SampleOutput]:
+    def _first_impl(self, logits: jax.Array, row: SlotRow) -> tuple[DecodeState, sampling.SampleOutput]:
         """A slot's first token, sampled exactly as the notebook Sampler samples after its prefill.
 
         Returns the slot's row of state (without KV) and the sample. Kept out of insert so that the
         sampling code compiles once rather than once per prefill bucket.
         """
-        one = lambda x, dtype: jnp.full((1,), x, dtype)
-        row_state = SlotState(
-            cache=(),
-            token=one(0, jnp.int32),
-            position=one(row.length - 1, jnp.int32),
-            counts=jnp.zeros((1, self.config.n_vocab), jnp.int32),
-            step=one(0, jnp.int32),
-            max_tokens=one(row.max_tokens, jnp.int32),
-            eos=one(row.eos, jnp.int32),
-            want_top=one(row.want_top, jnp.bool_),
-            done=one(row.max_tokens <= 0, jnp.bool_),
-            params=row.params,
+        one = lambda x: jnp.reshape(x, (1,))
+        return decode.start(
+            logits[None],
+            one(row.length),
+            one(row.max_tokens),
+            one(row.eos),
+            one(row.want_top),
+            row.params,
+            self.config.n_ctx - 1,
         )
-        out = sampling.sample(logits[None], row_state.counts, row_state.step, row.params, row.want_top)
-        return _advance(row_state, out, self.config.n_ctx), out
 
-    def _insert_local(self, state: SlotState, kv: KVCache, row: SlotState, slot: jax.Array) -> SlotState:
+    def _insert_local(
+        self, state: DecodeState, kv: KVCache, row: DecodeState, slot: jax.Array
+    ) -> DecodeState:
         """Runs on each device with its own slots; only the device holding `slot` changes anything."""
         local_slots = state.token.shape[0]
         local = slot - jax.lax.axis_index(AXIS) * local_slots
@@ -338,8 +267,8 @@ class SlotPrograms:
         return rest._replace(cache=cache)
 
     def _decode_local(
-        self, params: Any, state: SlotState, active: jax.Array, window: int, rows: int
-    ) -> tuple[SlotState, sampling.SampleOutput]:
+        self, params: Any, state: DecodeState, active: jax.Array, window: int, rows: int
+    ) -> tuple[DecodeState, sampling.SampleOutput]:
         """Up to `chunk_size` steps for this device's first `rows` slots (the others are left as they
         are); per-step outputs [chunk, rows], token -1 when done.
 
@@ -352,23 +281,8 @@ class SlotPrograms:
         state = _leading(state, rows, window)
         state = state._replace(done=state.done | ~active[:rows])
 
-        def one_step(state: SlotState) -> tuple[SlotState, sampling.SampleOutput]:
-            logits, cache = forward(
-                params,
-                self.config,
-                state.token[:, None],
-                state.position[:, None],
-                state.cache,
-                self.dtype,
-                self.layout.qkv_groups,
-            )
-            want_top = jnp.any(state.want_top & ~state.done)  # this device's rows only: no collective
-            sp = _live_params(state.params, state.done)
-            out = sampling.sample(logits[:, 0], state.counts, state.step, sp, want_top)
-            emitted = out._replace(token=jnp.where(state.done, -1, out.token))
-            return _advance(state._replace(cache=cache), out, self.config.n_ctx), emitted
-
-        _, state, outs = steps_until_done(one_step, state, self.chunk_size)
+        # Each device decodes its own rows: want_top is over them only, so there is no collective.
+        _, state, outs = decode.decode(params, self.model, state, self.chunk_size, self.config.n_ctx - 1)
         if rows < full.token.shape[0] or window < self.config.n_ctx:  # written back in place (donated)
             state = jax.tree.map(
                 lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim), full, state
@@ -377,7 +291,7 @@ class SlotPrograms:
 
     # ---- host side ----
 
-    def init_state(self) -> SlotState:
+    def init_state(self) -> DecodeState:
         """A fresh state: every slot empty (done)."""
         return self._init()
 
@@ -422,8 +336,8 @@ class SlotPrograms:
         )
 
     def insert(
-        self, state: SlotState, pre: Prefilled, slot: int, row: SlotRow
-    ) -> tuple[SlotState, sampling.SampleOutput]:
+        self, state: DecodeState, pre: Prefilled, slot: int, row: SlotRow
+    ) -> tuple[DecodeState, sampling.SampleOutput]:
         """Puts a prefilled prompt into `slot` (donating `state`); returns the new state and the first token."""
         # Host inputs are placed explicitly so that their shardings match the warm-up's compiled programs.
         row, slot = self.put((row, np.int32(slot)), self.replicated)
@@ -453,15 +367,15 @@ class SlotPrograms:
         return [d * L + i for d in range(self.data_shards) for i in range(rows)]
 
     def decode(
-        self, state: SlotState, active: np.ndarray, window: int | None = None, rows: int | None = None
-    ) -> tuple[SlotState, sampling.SampleOutput]:
+        self, state: DecodeState, active: np.ndarray, window: int | None = None, rows: int | None = None
+    ) -> tuple[DecodeState, sampling.SampleOutput]:
         """One chunk of steps (donating `state`) for the first `rows` slots of each device (default all);
         rows with active False are ended first. Outputs [chunk, rows x devices] (see `decoded_slots`).
 
         window: a compiled window (see `window_for`) above every position a live row reaches in the chunk.
         """
-        decode = self._decode[window or self.windows[-1], rows or self.local_slots]
-        return decode(self.params, state, self.put(active, self.by_slot))
+        program = self._decode[window or self.windows[-1], rows or self.local_slots]
+        return program(self.params, state, self.put(active, self.by_slot))
 
     def program_names(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> list[tuple]:
         """What `compile` compiles for these prefill buckets: ("init",), ("first",) (first-token sampling),
@@ -498,10 +412,7 @@ class SlotPrograms:
             is_leaf=lambda x: isinstance(x, NamedSharding),
         )
         ints = lambda *shape: like(jax.ShapeDtypeStruct(shape, jnp.int32), rep)
-        row = make_row(
-            1, 1, -1, False, self.config.n_vocab, temperature=0.0, top_k=0, top_p=1.0,
-            presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=0,
-        )  # fmt: skip
+        row = make_row(1, -1, sampling.NEUTRAL.replace(max_tokens=1), self.config.n_vocab)
         row, params = like(row, rep), like(self.params, self.layout.param_shardings(self.params))
         state = like(jax.eval_shape(self._init_impl), self.state_shardings)
         logits = like(jax.ShapeDtypeStruct((self.config.n_vocab,), jnp.float32), rep)

@@ -8,7 +8,7 @@ serving HTTP never waits on the device.
 
     engine = BatchEngine.from_model(gpt2jax.load("checkpoints/124M"))
     engine.warmup(); engine.start()
-    async for event in engine.generate(GenerationRequest(prompt=(464, 2068), max_tokens=32)): ...
+    async for event in engine.generate(GenerationRequest.of((464, 2068), max_tokens=32)): ...
     engine.stop()
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +30,12 @@ from gpt2jax.engine.metrics import EngineMetrics, publish, unpublish
 from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.warmup import BackgroundCompile, split
 from gpt2jax.engine.worker import EngineFault, SlotWorker
-from gpt2jax.lm import LanguageModel
 from gpt2jax.sampler import MIN_BUCKET, bucket
-from gpt2jax.sampling import NUM_TOP_LOGPROBS
 from gpt2jax.sharding import Layout
 from gpt2jax.tokenizer import GPT2Tokenizer
+
+if TYPE_CHECKING:  # the notebook's model builds its engine from here: a runtime import would be a cycle
+    from gpt2jax.lm import LanguageModel
 
 __all__ = ["BatchEngine", "EngineFault", "default_chunk_size", "default_slots", "enable_compilation_cache"]
 
@@ -239,21 +240,17 @@ class BatchEngine:
             raise EngineError("the prompt must have at least one token")
         if min(r.prompt) < 0 or max(r.prompt) >= self.config.n_vocab:
             raise EngineError(f"prompt token ids must be in [0, {self.config.n_vocab})")
-        if r.max_tokens < 0:
-            raise EngineError("max_tokens must be >= 0")
-        if len(r.prompt) + r.max_tokens > self.n_ctx:
+        p = r.params  # its ranges were checked when it was made
+        if len(r.prompt) + p.max_tokens > self.n_ctx:
             raise EngineError(
                 f"this model's context length is {self.n_ctx} tokens; the prompt has {len(r.prompt)} "
-                f"and max_tokens is {r.max_tokens}"
+                f"and max_tokens is {p.max_tokens}"
             )
-        if r.n < 1 or (r.best_of is not None and r.best_of < r.n):
-            raise EngineError("n must be >= 1 and best_of >= n")
-        choices = r.best_of or r.n
-        if r.max_tokens > 0 and choices > self.slots:
-            raise EngineError(f"n/best_of ({choices}) exceeds the {self.slots} decode slots of {self.name}")
-        if r.logprobs is not None and not 0 <= r.logprobs <= NUM_TOP_LOGPROBS:
-            raise EngineError(f"logprobs must be between 0 and {NUM_TOP_LOGPROBS}")
-        if any(not 0 <= t < self.config.n_vocab for t, _ in r.logit_bias):
+        if p.max_tokens > 0 and p.candidates > self.slots:
+            raise EngineError(
+                f"n/best_of ({p.candidates}) exceeds the {self.slots} decode slots of {self.name}"
+            )
+        if any(not 0 <= t < self.config.n_vocab for t, _ in p.logit_bias):
             raise EngineError(f"logit_bias token ids must be in [0, {self.config.n_vocab})")
 
 

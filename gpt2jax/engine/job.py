@@ -31,24 +31,24 @@ class Job:
         self.first_token_at: float | None = None
         self.cancelled = False  # set by the consumer's side; the worker frees the slots
         self.done = False  # the last item was handed to the queue
-        n = request.best_of or request.n
+        n = request.params.candidates
         self.choices = [choice_for(tokenizer, request, i, eos) for i in range(n)]
         self._tokenizer = tokenizer
 
     @property
     def slots_needed(self) -> int:
-        return len(self.choices) if self.request.max_tokens > 0 else 0
+        return len(self.choices) if self.request.params.max_tokens > 0 else 0
 
     @property
     def ranked(self) -> bool:
         """best_of > n: all choices are generated, then the best n are returned (so nothing streams)."""
-        return len(self.choices) > self.request.n
+        return len(self.choices) > self.request.params.n
 
     def set_prompt_scores(
         self, logprob: np.ndarray, top_tokens: np.ndarray, top_logprobs: np.ndarray
     ) -> None:
         """Attaches the echo logprobs ([P] arrays from the prefill) to every choice's first event."""
-        k, tok = self.request.logprobs or 0, self._tokenizer
+        k, tok = self.request.params.logprobs or 0, self._tokenizer
         prompt = self.request.prompt
         entries = [TokenLogprob(prompt[0], tok.token_str(prompt[0]), None)]
         for t in range(1, len(prompt)):
@@ -90,7 +90,8 @@ class Job:
         The tokens of the candidates left out are generated work too: choice 0 carries their count.
         """
         ranked = sorted(self.choices, key=lambda c: c.mean_logprob, reverse=True)
-        best, rest = ranked[: self.request.n], ranked[self.request.n :]
+        n = self.request.params.n
+        best, rest = ranked[:n], ranked[n:]
         out = []
         for index, c in enumerate(best):
             parts = []

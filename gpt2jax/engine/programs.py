@@ -36,7 +36,7 @@ class DevicePrograms(Protocol):
     windows: tuple[int, ...]  # the KV-cache windows decode runs over, ascending; the last is n_ctx
 
     def init_state(self) -> Any:
-        """A fresh decode state: every slot empty (done). SlotPrograms: a device.SlotState, each field
+        """A fresh decode state: every slot empty (done). SlotPrograms: a decode.DecodeState, each field
         with a leading [S] slot dim (the KV cache [S, n_head, n_ctx, head_dim] per layer)."""
         ...
 

@@ -25,9 +25,9 @@ from gpt2jax.engine.api import EngineOverloaded
 from gpt2jax.engine.choice import ChoiceStream
 from gpt2jax.engine.device import Prefilled, SlotPrograms, make_row
 from gpt2jax.engine.job import Job
-from gpt2jax.lm import derive_seed
 from gpt2jax.sampler import bucket
 from gpt2jax.sampling import NUM_TOP_LOGPROBS, SampleOutput
+from gpt2jax.sampling_params import derive_seed
 
 if TYPE_CHECKING:
     from gpt2jax.engine.engine import BatchEngine
@@ -200,7 +200,7 @@ class SlotWorker:
         groups: dict[tuple[int, bool], list[Job]] = {}
         n_ctx = self.engine.config.n_ctx
         for job in admitted:
-            key = bucket(len(job.request.prompt), n_ctx), job.request.echo_logprobs
+            key = bucket(len(job.request.prompt), n_ctx), job.request.params.prompt_logprobs
             groups.setdefault(key, []).append(job)
         for (size, score), jobs in groups.items():
             rows = self.programs.prefill_rows(size, score)
@@ -222,38 +222,28 @@ class SlotWorker:
     def _seat(self, job: Job, pre: Prefilled, pending: deque[_Dispatched]) -> None:
         """Inserts a prefilled prompt into one slot per choice, each with its own seed."""
         r, config = job.request, self.engine.config
+        p = r.params
         try:
-            if r.echo_logprobs:
+            if p.prompt_logprobs:
                 job.set_prompt_scores(*(np.asarray(a)[0, : len(r.prompt)] for a in pre.scores))
         except Exception as exc:  # reading the scores failed: the device may be at fault, but no slot is
             log.exception("prefill failed")
             self._fail(job, exc)
             return
-        if r.max_tokens == 0:  # scoring only: no slot
+        if p.max_tokens == 0:  # scoring only: no slot
             for c in job.choices:
                 c.end("length")
             self._flush(job)
             return
-        seed = r.seed if r.seed is not None else secrets.randbits(63)
-        eos = config.eos_token_id if r.stop_at_eos else -1
+        seed = p.seed if p.seed is not None else secrets.randbits(63)
+        eos = -1 if p.ignore_eos else config.eos_token_id
         for choice in job.choices:
             slot = self._order[heapq.heappop(self.free)]
             self.seats[slot] = seat = _Seat(slot, job, choice)
             self.busy += 1
-            self._reach[slot], self._limit[slot] = len(r.prompt), len(r.prompt) + r.max_tokens
+            self._reach[slot], self._limit[slot] = len(r.prompt), len(r.prompt) + p.max_tokens
             row = make_row(
-                len(r.prompt),
-                r.max_tokens,
-                eos,
-                bool(r.logprobs),
-                config.n_vocab,
-                temperature=r.temperature,
-                top_k=r.top_k,
-                top_p=r.top_p,
-                presence_penalty=r.presence_penalty,
-                frequency_penalty=r.frequency_penalty,
-                logit_bias=dict(r.logit_bias),
-                seed=derive_seed(seed, choice.index),
+                len(r.prompt), eos, p.replace(seed=derive_seed(seed, choice.index)), config.n_vocab
             )
             self._state, first = self.programs.insert(self._state, pre, slot, row)
             _copy_to_host_async(first)

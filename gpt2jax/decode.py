@@ -1,0 +1,180 @@
+"""The decode core: one state, one prefill, one first-token step, one decode step and one early-ending loop.
+
+Both users build on these functions and nothing else decodes: the notebook `Sampler` (gpt2jax/sampler.py:
+a static batch, its KV cache sized to the batch's bucket) and the serving engine's slot programs
+(gpt2jax/engine/device.py: a fixed table of slots, decoded over a window of leading slots and cache
+positions, manually sharded over the data axis). What differs between them (the batch is a set of
+slots or a padded batch, the cache a window or all of it, per-row end-of-text, the mesh) is in the
+arguments, not in a second copy of the loop. Everything here is traced inside the callers' jitted programs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gpt2jax import sampling
+from gpt2jax.config import GPT2Config
+from gpt2jax.model import KVCache, forward, forward_last
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries from one step to the next, each with a leading row dim B."""
+
+    cache: KVCache  # per layer (k, v) [B, n_head, S, head_dim]; () while a row is being started
+    token: jax.Array  # [B] i32, the last sampled token: the next step's input
+    position: jax.Array  # [B] i32, where `token` sits in the sequence
+    counts: jax.Array  # [B, V] i32, how often each token was generated (for penalties)
+    step: jax.Array  # [B] i32, tokens generated so far (also indexes the row's random stream)
+    max_tokens: jax.Array  # [B] i32, the row's generation limit
+    eos: jax.Array  # [B] i32, the token that ends the row; -1 for none
+    want_top: jax.Array  # [B] bool, the row asked for top logprobs
+    done: jax.Array  # [B] bool, finished (end-of-text, max_tokens, or released by the host)
+    params: sampling.SamplingTensors  # [B] rows
+
+
+class PromptScores(NamedTuple):
+    """Log-probabilities of each prompt token given the ones before it (position 0 has none)."""
+
+    logprob: jax.Array  # [B, P] f32; entry t is the logprob of token t (entry 0 meaningless)
+    top_tokens: jax.Array  # [B, P, K] i32, top alternatives at position t
+    top_logprobs: jax.Array  # [B, P, K] f32
+
+
+class Model(NamedTuple):
+    """What a forward pass needs besides the params: static under jit."""
+
+    config: GPT2Config
+    dtype: Any  # activation dtype (jnp.float32 or jnp.bfloat16)
+    qkv_groups: int = 1  # gpt2jax.sharding.Layout.qkv_groups (1 on one device)
+
+
+def prompt_scores(logits: jax.Array, tokens: jax.Array) -> PromptScores:
+    """Scores of prompts tokens [B, P] from the prefill's logits [B, P, V] f32."""
+    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # predictions for tokens 1..P-1
+    chosen = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+    top_lp, top_tok = jax.lax.top_k(lp, sampling.NUM_TOP_LOGPROBS)
+    pad = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :1]), a], axis=1)
+    return PromptScores(pad(chosen), pad(top_tok.astype(jnp.int32)), pad(top_lp))
+
+
+def prefill(
+    params: Any, model: Model, tokens: jax.Array, lengths: jax.Array, cache: KVCache, score: bool
+) -> tuple[jax.Array, KVCache, PromptScores | None]:
+    """Runs right-padded prompts tokens [B, P] i32 (true lengths [B] >= 1) into an empty `cache` of at
+    least P positions; returns the logits at each prompt's last token [B, V] f32, the cache, and with
+    `score` the prompt's scores (which needs every position's logits; otherwise only the last is computed).
+    """
+    B, P = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    if not score:
+        last, cache = forward_last(
+            params, model.config, tokens, positions, cache, lengths, model.dtype, model.qkv_groups
+        )
+        return last, cache, None
+    logits, cache = forward(params, model.config, tokens, positions, cache, model.dtype, model.qkv_groups)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return last, cache, prompt_scores(logits, tokens)
+
+
+def start(
+    logits: jax.Array,
+    lengths: jax.Array,
+    max_tokens: jax.Array,
+    eos: jax.Array,
+    want_top: jax.Array,
+    sp: sampling.SamplingTensors,
+    last_position: int,
+) -> tuple[DecodeState, sampling.SampleOutput]:
+    """Rows' first tokens, sampled from the prefill's logits [B, V]; returns their state (cache () for
+    the caller to fill) and the sample. lengths, max_tokens, eos [B] i32, want_top [B] bool."""
+    B = logits.shape[0]
+    state = DecodeState(
+        cache=(),
+        token=jnp.zeros((B,), jnp.int32),
+        position=lengths - 1,
+        counts=jnp.zeros(logits.shape, jnp.int32),
+        step=jnp.zeros((B,), jnp.int32),
+        max_tokens=max_tokens,
+        eos=eos,
+        want_top=want_top,
+        done=max_tokens <= 0,
+        params=sp,
+    )
+    out = sampling.sample(logits, state.counts, state.step, sp, jnp.any(want_top))
+    return advance(state, out, last_position), out
+
+
+def advance(state: DecodeState, out: sampling.SampleOutput, last_position: int) -> DecodeState:
+    """Records sampled tokens: each live row's token becomes its next input; rows may now be done.
+
+    last_position: the highest cache position a row may move to (positions are clamped there).
+    """
+    rows = state.token.shape[0]
+    live = ~state.done
+    counts = state.counts.at[jnp.arange(rows), out.token].add(live.astype(jnp.int32))
+    step = state.step + live
+    done = state.done | (out.token == state.eos) | (step >= state.max_tokens)
+    position = jnp.where(live, jnp.minimum(state.position + 1, last_position), state.position)
+    token = jnp.where(live, out.token, state.token)
+    return state._replace(token=token, position=position, counts=counts, step=step, done=done)
+
+
+def step(
+    params: Any, model: Model, state: DecodeState, last_position: int
+) -> tuple[DecodeState, sampling.SampleOutput]:
+    """One decode step for every row: forward the last tokens, sample, advance. The outputs' token is -1
+    for rows that were already done (finished rows sample greedily, so they never force the costlier
+    sampling branches)."""
+    logits, cache = forward(
+        params,
+        model.config,
+        state.token[:, None],
+        state.position[:, None],
+        state.cache,
+        model.dtype,
+        model.qkv_groups,
+    )
+    want_top = jnp.any(state.want_top & ~state.done)
+    sp = sampling.neutral_where(state.params, state.done)
+    out = sampling.sample(logits[:, 0], state.counts, state.step, sp, want_top)
+    emitted = out._replace(token=jnp.where(state.done, -1, out.token))
+    return advance(state._replace(cache=cache), out, last_position), emitted
+
+
+def decode(
+    params: Any, model: Model, state: DecodeState, max_steps: int, last_position: int
+) -> tuple[jax.Array, DecodeState, sampling.SampleOutput]:
+    """Up to `max_steps` decode steps, ending once every row is done; returns (steps run, final state,
+    outputs stacked [max_steps, B, ...] with token -1 for rows done and for the steps not run)."""
+    return steps_until_done(lambda s: step(params, model, s, last_position), state, max_steps)
+
+
+def steps_until_done(
+    one_step: Callable[[Any], tuple[Any, sampling.SampleOutput]], state: Any, max_steps: int
+) -> tuple[jax.Array, Any, sampling.SampleOutput]:
+    """Runs `state, out = one_step(state)` up to `max_steps` times, stopping once every row of
+    `state.done` is; returns (steps run, final state, outputs stacked [max_steps, ...], token -1 for
+    the steps not run).
+
+    A `lax.while_loop` rather than a fixed-length `lax.scan`, so that a chunk whose rows all finish early
+    (or were done from the start) stops there; at full length it is as fast as the scan.
+    """
+
+    def unfinished(carry) -> jax.Array:
+        i, state, _ = carry
+        return (i < max_steps) & ~jnp.all(state.done)
+
+    def body(carry):
+        i, state, outs = carry
+        state, out = one_step(state)
+        write = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)
+        return i + 1, state, jax.tree.map(write, outs, out)
+
+    _, out = jax.eval_shape(one_step, state)
+    outs = jax.tree.map(lambda a: jnp.zeros((max_steps, *a.shape), a.dtype), out)
+    outs = outs._replace(token=jnp.full(outs.token.shape, -1, jnp.int32))
+    return jax.lax.while_loop(unfinished, body, (jnp.int32(0), state, outs))
