@@ -28,6 +28,7 @@ class SamplingTensors(NamedTuple):
     temperature: jax.Array  # [B] f32; 0 = greedy
     top_k: jax.Array  # [B] i32; 0 = off
     top_p: jax.Array  # [B] f32; 1 = off
+    min_p: jax.Array  # [B] f32; 0 = off
     presence_penalty: jax.Array  # [B] f32
     frequency_penalty: jax.Array  # [B] f32
     logit_bias: jax.Array  # [B, V] f32, added to the logits
@@ -39,6 +40,7 @@ SCALARS = {
     "temperature": np.float32,
     "top_k": np.int32,
     "top_p": np.float32,
+    "min_p": np.float32,
     "presence_penalty": np.float32,
     "frequency_penalty": np.float32,
 }
@@ -184,6 +186,7 @@ def sample(
         x = x / t[:, None]
         x = top_k_mask(x, params.top_k)
         x = top_p_mask(x, params.top_p)
+        x = min_p_mask(x, params.min_p)
         return sample_from(x, row_uniforms(params.rng, step))
 
     any_sampled = jnp.any(params.temperature > 0)

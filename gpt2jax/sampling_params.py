@@ -28,6 +28,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # nucleus filtering; 1 = off
     top_k: int = 0  # keep the k most likely tokens; 0 = off
+    min_p: float = 0.0  # keep tokens with probability >= min_p x the most likely one's; 0 = off
     presence_penalty: float = 0.0  # subtracted from every token generated so far (OpenAI's formula)
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
@@ -78,6 +79,7 @@ _RANGES = (
     ("temperature", 0.0, None),
     ("top_p", 0.0, 1.0),
     ("top_k", 0, 2**31 - 1),
+    ("min_p", 0.0, 1.0),
     ("n", 1, None),
     ("best_of", 1, None),
     ("logprobs", 0, MAX_LOGPROBS),

@@ -112,6 +112,13 @@ SAMPLING_FIELDS = (
     number("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.", 0, 1),
     # Bounded so that it fits the sampler's int32 (a larger one was a 500); any k >= the vocabulary is off.
     integer("top_k", 0, "Keep only the k most likely tokens (0: off). Not in OpenAI's API.", 0, 2**31 - 1),
+    number(
+        "min_p",
+        0.0,
+        "Keep tokens at least this fraction as likely as the top one (0: off). Not in OpenAI's API.",
+        0,
+        1,
+    ),
     integer("n", 1, "Choices to return for each prompt (at most MAX_N).", 1),
     Field("stop", _STOP_SCHEMA, parse_stop, (), "Up to 4 strings; generation ends before any of them."),
     number("presence_penalty", 0.0, "Subtracted from the logit of every token generated so far.", -2, 2),

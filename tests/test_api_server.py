@@ -240,3 +240,30 @@ def test_examples(server, tmp_path):
         [sys.executable, EXAMPLES / "openai_client.py"], env=env, capture_output=True, text=True, timeout=HANG
     )
     assert out.returncode == 0 and "completion 1:" in out.stdout and "chat: " in out.stdout, out.stderr
+
+
+def test_min_p_one_is_greedy_on_every_route(client, server):
+    """min_p=1 keeps only the most likely token, so any temperature and seed give the greedy text."""
+    import openai
+
+    args = dict(model=server.name, max_tokens=12)
+    greedy = client.completions.create(prompt="The", temperature=0, **args).choices[0].text
+    for temperature, seed in ((0.7, 1), (2.0, 2)):
+        r = client.completions.create(
+            prompt="The", temperature=temperature, seed=seed, extra_body={"min_p": 1}, **args
+        )
+        assert r.choices[0].text == greedy
+    status, body = server.get(
+        f"/v1/engines/{server.name}/completions?prompt=The&max_tokens=12&temperature=2&min_p=1"
+    )
+    assert status == 200 and body["choices"][0]["text"] == greedy
+    messages = [{"role": "user", "content": "Hi"}]
+    greedy_chat = client.chat.completions.create(messages=messages, temperature=0, **args).choices[0].message
+    hot = client.chat.completions.create(
+        messages=messages, temperature=2, seed=3, extra_body={"min_p": 1.0}, **args
+    )
+    assert hot.choices[0].message.content == greedy_chat.content
+    for bad in (1.5, -0.1):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(prompt="The", extra_body={"min_p": bad}, **args)
+        assert e.value.body["param"] == "min_p" and "min_p" in e.value.body["message"]

@@ -59,3 +59,11 @@ def test_score_equals_hf_logprobs(tiny_model, tiny_checkpoint):
 def test_tokenizer_round_trip(tiny_model):
     text = "naïve café — 日本語 🙂"
     assert tiny_model.tokenizer.decode(tiny_model.tokenizer.encode(text)) == text
+
+
+def test_min_p_one_is_greedy_at_any_temperature(tiny_model):
+    greedy = tiny_model.generate("The", max_tokens=16, temperature=0.0)
+    assert tiny_model.generate("The", max_tokens=16, temperature=1.8, min_p=1.0, seed=5) == greedy
+    assert tiny_model.generate("The", max_tokens=16, temperature=1.8, seed=5) != greedy  # it does sample
+    with pytest.raises(ValueError, match="min_p"):
+        tiny_model.generate("The", min_p=2.0)

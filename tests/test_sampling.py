@@ -123,3 +123,18 @@ def test_top_k_one_is_greedy_even_at_high_temperature():
     for step in range(5):
         out = sampling.sample(x, counts, jnp.full(4, step, jnp.int32), params, jnp.bool_(False))
         np.testing.assert_array_equal(np.asarray(out.token), x.argmax(-1))
+
+
+def test_min_p_one_is_greedy_and_min_p_filters_the_sampled_tokens():
+    x = logits(4, seed=6)
+    counts = np.zeros((4, V), np.int32)
+    greedy = sampling.make_params(4, V, temperature=2.0, min_p=1.0, seed=[1, 2, 3, 4])
+    filtered = sampling.make_params(4, V, temperature=1.0, min_p=0.5, seed=[5, 6, 7, 8])
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for step in range(8):
+        steps = jnp.full(4, step, jnp.int32)
+        out = sampling.sample(x, counts, steps, greedy, jnp.bool_(False))
+        np.testing.assert_array_equal(np.asarray(out.token), x.argmax(-1))
+        tok = np.asarray(sampling.sample(x, counts, steps, filtered, jnp.bool_(False)).token)
+        assert (probs[np.arange(4), tok] >= 0.5 * probs.max(-1)).all()
