@@ -113,6 +113,15 @@ def make_mesh(shape: MeshShape | str | None = None, devices: Sequence[jax.Device
     return Mesh(grid, (DATA, MODEL))
 
 
+def serving_mesh(shape: MeshShape | str | None) -> Mesh | None:
+    """The mesh a served model is loaded onto: `shape` (the server's MESH) over every device of every
+    process. None when `shape` is empty in a single process: the model goes to one device and its engine
+    spreads the decode slots over all of them."""
+    if not shape and jax.process_count() == 1:
+        return None
+    return make_mesh(shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a model's params, KV cache and batch rows live on a ("data", "model") mesh."""

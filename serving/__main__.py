@@ -22,8 +22,15 @@ from gpt2jax.cluster import Cluster, ClusterError, initialize
 from serving import multihost
 from serving.app import create_app
 from serving.context import EXTENSION
-from serving.engines import build_engine
-from serving.loading import EngineBuilder, NoModelError, discover_models, load_all, registry_for, stop_all
+from serving.loading import (
+    EngineBuilder,
+    NoModelError,
+    build_engine,
+    discover_models,
+    load_all,
+    registry_for,
+    stop_all,
+)
 from serving.registry import ModelRegistry
 from serving.server import run_server
 from serving.settings import Settings, SettingsError

@@ -1,4 +1,5 @@
-"""Finding the model folders to serve, then loading, starting and warming their engines in turn."""
+"""Finding the model folders to serve, building each one's engine, then loading, starting and warming them
+in turn."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import gpt2jax
 from gpt2jax.config import GPT2Config
 from gpt2jax.engine.api import Engine
 from gpt2jax.lm import LanguageModel, resolve_checkpoint
+from gpt2jax.sharding import serving_mesh
 from serving.chat_template import load_template
 from serving.registry import FAILED, READY, WARMING, ModelRegistry, ServedModel
 from serving.settings import Settings
@@ -99,6 +101,26 @@ def public_error(error: BaseException, folder: str | Path | None = None) -> str:
     return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
+def build_engine(model: LanguageModel, settings: Settings) -> Engine:
+    """gpt2jax.engine.engine's continuous-batching engine for `model`, not yet warmed up or started.
+
+    Imported here, not at the top: it pulls in the engine's jitted programs, which tests of the HTTP
+    layer (over fake engines) never need. JAX's persistent compilation cache is turned on, so that a
+    restarted server loads its compiled programs from disk ($JAX_CACHE_DIR, else ~/.cache/gpt2jax/jax).
+    """
+    from gpt2jax.engine.engine import BatchEngine, enable_compilation_cache
+
+    enable_compilation_cache()
+    return BatchEngine.from_model(
+        model,
+        slots=settings.slots,
+        chunk_size=settings.chunk_size,
+        max_queue=settings.max_queue,
+        queue_timeout=settings.queue_timeout,
+        batch_invariant=settings.batch_invariant,
+    )
+
+
 async def _call(fn: Callable[..., Any], *args: Any, thread: bool = False, **kwargs: Any) -> Any:
     """Calls a sync or async engine method; slow sync ones go to a thread to keep /health answering."""
     if inspect.iscoroutinefunction(fn):
@@ -118,7 +140,9 @@ async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBui
             continue
         try:
             log.info("loading %s from %s", m.name, m.path)
-            model = await asyncio.to_thread(gpt2jax.load, m.path, settings.dtype, mesh=serving_mesh(settings))
+            model = await asyncio.to_thread(
+                gpt2jax.load, m.path, settings.dtype, mesh=serving_mesh(settings.mesh)
+            )
             engine = build(model, settings)
             m.engine, m.status = engine, WARMING
             log.info("warming up %s", m.name)
@@ -143,18 +167,6 @@ def _warmup_options(engine: Engine, settings: Settings) -> dict[str, Any]:
     """background=True for an engine whose warmup takes it (BatchEngine's) when WARMUP=background."""
     takes = "background" in inspect.signature(engine.warmup).parameters
     return {"background": True} if settings.warmup == "background" and takes else {}
-
-
-def serving_mesh(settings: Settings) -> Any:
-    """The mesh models are loaded onto: MESH over every device of every process. None with MESH unset
-    in a single process: the model goes to one device and its engine spreads the slots over all of them."""
-    import jax
-
-    if not settings.mesh and jax.process_count() == 1:
-        return None
-    from gpt2jax.sharding import make_mesh
-
-    return make_mesh(settings.mesh)
 
 
 async def _stop_engine(m: ServedModel) -> None:

@@ -21,7 +21,7 @@ def run(
     startup_timeout: int = Cluster.startup_timeout,
 ) -> int:
     """Process 0: serve_http(build) with engines that broadcast their calls; the others: follow them."""
-    from serving.engines import build_engine
+    from serving.loading import build_engine
 
     channel = Channel(startup_timeout=startup_timeout)
     if not channel.is_leader:
@@ -50,8 +50,8 @@ def run_follower(settings: Any, registry: Any, channel: Channel) -> int:
     import signal
 
     import gpt2jax
-    from serving.engines import build_engine
-    from serving.loading import serving_mesh
+    from gpt2jax.sharding import serving_mesh
+    from serving.loading import build_engine
 
     def note(signum: int, _frame: Any) -> None:  # process 0 decides when the SPMD program ends
         log.info("signal %d: leaving when process 0 stops", signum)
@@ -60,7 +60,7 @@ def run_follower(settings: Any, registry: Any, channel: Channel) -> int:
         signal.signal(sig, note)
     programs = []
     for m in registry.models.values():
-        model = gpt2jax.load(m.path, settings.dtype, mesh=serving_mesh(settings))
+        model = gpt2jax.load(m.path, settings.dtype, mesh=serving_mesh(settings.mesh))
         engine = build_engine(model, settings)
         engine.warmup()
         programs.append(engine.programs)

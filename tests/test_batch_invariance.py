@@ -157,7 +157,7 @@ def test_the_setting_reaches_the_engine(monkeypatch):
     import pytest
 
     import gpt2jax.engine.engine
-    from serving.engines import build_engine
+    from serving.loading import build_engine
     from serving.settings import Settings, SettingsError
 
     monkeypatch.setattr(gpt2jax.engine.engine, "enable_compilation_cache", lambda: None)
