@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from gpt2jax.cluster import Cluster, ClusterError, initialize
 from serving import multihost
 from serving.app import create_app
-from serving.context import EXTENSION
 from serving.loading import (
     EngineBuilder,
     NoModelError,
@@ -34,6 +33,7 @@ from serving.loading import (
 from serving.registry import ModelRegistry
 from serving.server import run_server
 from serving.settings import Settings, SettingsError
+from serving.state import EXTENSION
 
 log = logging.getLogger("serving")
 

@@ -10,36 +10,24 @@ from quart import Quart, g, request
 from quart.wrappers import Response
 
 from gpt2jax.engine.api import Engine
-from serving import (
-    auth,
-    cors,
-    openapi,
-    routes_chat,
-    routes_completions,
-    routes_engines,
-    routes_health,
-    routes_models,
-    routes_tokenize,
-)
-from serving.context import EXTENSION, ServerState
+from serving import auth, cors, openapi
+from serving.chat import routes as chat
+from serving.completions import routes as completions
+from serving.engine_completions import routes as engine_completions
 from serving.errors import register_error_handlers
-from serving.metrics import Metrics
+from serving.health import routes as health
+from serving.health.metrics import Metrics
+from serving.models import routes as models
 from serving.playground import register_playground
 from serving.registry import ModelRegistry
 from serving.settings import Settings
+from serving.state import EXTENSION, ServerState
+from serving.tokenization import routes as tokenization
 
 access_log = logging.getLogger("serving.access")
 BODY_TIMEOUT = 30  # seconds a request body may take to arrive (a client that stalls mid-body gets 408)
 
-BLUEPRINTS = (
-    routes_engines,
-    routes_completions,
-    routes_chat,
-    routes_models,
-    routes_tokenize,
-    routes_health,
-    openapi,
-)
+BLUEPRINTS = (engine_completions, completions, chat, models, tokenization, health, openapi)
 
 
 def create_app(settings: Settings, engines: ModelRegistry | Mapping[str, Engine]) -> Quart:

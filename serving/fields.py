@@ -159,3 +159,14 @@ def _coerce(name: str, raw: str, kind: str | None) -> Any:
         except ValueError:
             return raw
     return raw
+
+
+def token_ids(ids: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(ids, list):
+        raise invalid(name, f"{name} must be an array of token ids, not {type_name(ids)}")
+    if not ids:
+        raise invalid(name, f"{name} has an empty array of token ids")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise invalid(name, f"{name}: token ids must be integers >= 0, got {t!r}")
+    return tuple(ids)

@@ -16,7 +16,7 @@ from gpt2jax.config import GPT2Config
 from gpt2jax.engine.api import Engine
 from gpt2jax.lm import LanguageModel, resolve_checkpoint
 from gpt2jax.sharding import serving_mesh
-from serving.chat_template import load_template
+from serving.chat.template import load_template
 from serving.registry import FAILED, READY, WARMING, ModelRegistry, ServedModel
 from serving.settings import Settings
 

@@ -14,10 +14,10 @@ from typing import Any
 from quart import Blueprint, Response
 
 import gpt2jax
-from serving.chat_schemas import CHAT_FIELDS
+from serving.chat.schema import CHAT_FIELDS
+from serving.completions.schema import COMPLETION_FIELDS
 from serving.fields import Field
-from serving.routes_tokenize import DETOKENIZE_FIELDS, TOKENIZE_FIELDS
-from serving.schemas import COMPLETION_FIELDS
+from serving.tokenization.routes import DETOKENIZE_FIELDS, TOKENIZE_FIELDS
 
 blueprint = Blueprint("openapi", __name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gpt2jax.download import HF_REPOS
 from gpt2jax.engine.api import Engine
-from serving.chat_template import ChatTemplate
+from serving.chat.template import ChatTemplate
 from serving.errors import APIError
 
 # OpenAI's engines of 2020, smallest to largest, and the names that grew out of them.

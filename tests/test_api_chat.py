@@ -8,8 +8,8 @@ import pytest
 from fake_engine import ScriptedEngine, call, make_app, sse_payloads
 
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.chat_schemas import Message
-from serving.chat_template import ChatTemplate, load_template
+from serving.chat.schema import Message
+from serving.chat.template import ChatTemplate, load_template
 from serving.registry import READY, ModelRegistry, ServedModel
 
 MESSAGES = [

@@ -7,11 +7,11 @@ import json
 import re
 from pathlib import Path
 
-from serving.chat_schemas import CHAT_FIELDS
+from serving.chat.schema import CHAT_FIELDS
+from serving.completions.schema import COMPLETION_FIELDS
 from serving.openapi import build_spec
-from serving.routes_tokenize import DETOKENIZE_FIELDS, TOKENIZE_FIELDS
-from serving.schemas import COMPLETION_FIELDS
 from serving.settings import Settings
+from serving.tokenization.routes import DETOKENIZE_FIELDS, TOKENIZE_FIELDS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SETTINGS_SOURCE = Path(__file__).resolve().parents[1] / "serving" / "settings.py"

@@ -10,9 +10,9 @@ from fake_engine import ScriptedEngine, call, make_app, sse_payloads
 
 from gpt2jax.engine.api import EngineError, EngineOverloaded
 from gpt2jax.tokenizer import GPT2Tokenizer
+from serving.completions.schema import COMPLETION_FIELDS
 from serving.openapi import build_spec
 from serving.registry import LOADING, SHIPPED_DIR, ModelRegistry, ServedModel, owner_of
-from serving.schemas import COMPLETION_FIELDS
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from serving.chat_schemas import parse_chat
+from serving.chat.schema import parse_chat
+from serving.completions.schema import COMPLETION_FIELDS, parse_completion, parse_prompt
 from serving.errors import APIError
 from serving.fields import coerce_query
-from serving.schemas import COMPLETION_FIELDS, parse_completion, parse_prompt, parse_stop
+from serving.sampling_fields import parse_stop
 from serving.settings import Settings
 
 S = Settings(max_tokens=100, max_n=4)

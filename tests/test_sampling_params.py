@@ -13,8 +13,8 @@ from fake_engine import ScriptedEngine, call, make_app
 from gpt2jax.engine.device import make_row
 from gpt2jax.sampling import SCALARS, SamplingTensors, seed_key
 from gpt2jax.sampling_params import SamplingParams, derive_seed, field_names, per_prompt
-from serving.chat_schemas import CHAT_FIELDS
-from serving.schemas import COMPLETION_FIELDS
+from serving.chat.schema import CHAT_FIELDS
+from serving.completions.schema import COMPLETION_FIELDS
 
 V = 50257
 # Every SamplingParams field the HTTP API takes: (value sent, value the record must hold), none a default.

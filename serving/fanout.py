@@ -2,7 +2,8 @@
 
 A completions request with several prompts becomes one engine request per prompt. All of them are started
 and each one's first event awaited before any response byte is sent, so EngineOverloaded / EngineError
-still become a 429 / 400 (the engine raises them before the first event).
+still become a 429 / 400 (the engine raises them before the first event). Also what the completions and
+chat response shapers share: response ids, the checks on token ids and the context, each choice's state.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import secrets
 from collections.abc import AsyncIterator, Sequence
 
 from gpt2jax.engine.api import Engine, Event, GenerationRequest, TokenLogprob
 from serving.errors import APIError, from_engine_error, internal_error, invalid
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_urlsafe(18)}"
 
 
 def check_token_ids(engine: Engine, ids: Sequence[int], param: str) -> None:

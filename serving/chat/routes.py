@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: see serving/chat_template.py for how a conversation becomes GPT-2 text."""
+"""POST /v1/chat/completions: see serving/chat/template.py for how a conversation becomes GPT-2 text."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from functools import partial
 
 from quart import Blueprint, Response
 
-from serving.chat import ChatShaper, prepare
-from serving.chat_schemas import parse_chat
-from serving.context import json_body, json_response, state
-from serving.generation import start_all
+from serving.chat.response import ChatShaper, prepare
+from serving.chat.schema import parse_chat
+from serving.fanout import start_all
+from serving.json_io import json_body, json_response
 from serving.sse import sse_response
+from serving.state import state
 
 blueprint = Blueprint("chat", __name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from serving.chat_schemas import Message
+from serving.chat.schema import Message
 
 TEMPLATE_FILE = "chat_template.txt"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
-from serving.context import json_body, json_response, state
-from serving.fields import Field, parse_fields, string
-from serving.generation import check_token_ids
+from serving.fanout import check_token_ids
+from serving.fields import Field, parse_fields, string, token_ids
+from serving.json_io import json_body, json_response
 from serving.limits import check_prompt_text
-from serving.schemas import token_ids
+from serving.state import state
 
 blueprint = Blueprint("tokenize", __name__)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
-from serving.context import json_response, state
+from serving.json_io import json_response
 from serving.registry import READY
+from serving.state import state
 
 blueprint = Blueprint("health", __name__)
 

@@ -1,4 +1,5 @@
-"""The original openai-server's routes: /v1/engines and /v1/engines/{id}/completions (GET or POST).
+"""The original openai-server's completions route: /v1/engines/{id}/completions (GET or POST); its
+/v1/engines list is with /v1/models (serving/models/).
 
 The same routes answer without the /v1 prefix, since the original README points the legacy `openai` CLI
 at the bare host and that CLI then calls /engines/... . On these routes a prompt too long for the
@@ -7,40 +8,14 @@ context is cut to its last n_ctx - max_tokens tokens, as the original did, inste
 
 from __future__ import annotations
 
-from typing import Any
-
 from quart import Blueprint, Response, request
 
-from serving.context import check_text, json_body, json_response, state
+from serving.completions.routes import complete
+from serving.completions.schema import COMPLETION_FIELDS
 from serving.fields import coerce_query
-from serving.registry import READY, ServedModel
-from serving.routes_completions import complete
-from serving.schemas import COMPLETION_FIELDS
+from serving.json_io import check_text, json_body
 
 blueprint = Blueprint("engines", __name__)
-
-
-def engine_object(model: ServedModel) -> dict[str, Any]:
-    return {
-        "id": model.name,
-        "object": "engine",
-        "owner": model.owner,  # as /v1/models' owned_by
-        "ready": model.status == READY,
-        "created": model.created,
-    }
-
-
-@blueprint.get("/v1/engines")
-@blueprint.get("/engines")
-async def list_engines() -> Response:
-    models = state().registry.served()  # a model that failed to load is not listed
-    return json_response({"object": "list", "data": [engine_object(m) for m in models]})
-
-
-@blueprint.get("/v1/engines/<engine_id>")
-@blueprint.get("/engines/<engine_id>")
-async def get_engine(engine_id: str) -> Response:
-    return json_response(engine_object(state().registry.resolve(engine_id, param=None)))
 
 
 @blueprint.route("/v1/engines/<engine_id>/completions", methods=["GET", "POST"])

@@ -8,16 +8,8 @@ from typing import Any
 
 from gpt2jax.engine.api import Engine, GenerationRequest, TokenLogprob
 from gpt2jax.tokenizer import EOS_TOKEN, GPT2Tokenizer
-from serving.chat_schemas import ChatRequest
-from serving.completions import new_id
-from serving.generation import (
-    ChoiceState,
-    Primed,
-    check_token_ids,
-    collect,
-    context_error,
-    merge,
-)
+from serving.chat.schema import ChatRequest
+from serving.fanout import ChoiceState, Primed, check_token_ids, collect, context_error, merge, new_id
 from serving.limits import check_prompt_text
 from serving.registry import ServedModel
 from serving.settings import Settings

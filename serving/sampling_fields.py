@@ -1,4 +1,5 @@
-"""Request bodies of /v1/completions validated into frozen dataclasses, and the fields chat shares.
+"""The sampling fields /v1/completions and /v1/chat/completions share, parsed into one `Sampling` record
+(the library's SamplingParams plus how to deliver it), with the server's limits checked.
 
 Checks that need the model (token ids in the vocabulary, the context length) are done by the routes.
 """
@@ -6,7 +7,6 @@ Checks that need the model (token ids in the vocabulary, the context length) are
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 from gpt2jax.sampling_params import SamplingParams
@@ -17,7 +17,6 @@ from serving.fields import (
     integer,
     number,
     parse_bool,
-    parse_fields,
     parse_float,
     parse_int,
     string,
@@ -26,36 +25,6 @@ from serving.fields import (
 from serving.settings import Settings
 
 MAX_STOPS = 4
-MAX_LOGPROBS = 5
-
-Prompt = str | tuple[int, ...]  # text, or token ids
-
-
-def parse_prompt(value: Any, name: str) -> tuple[Prompt, ...]:
-    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
-    if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, list) or not value:
-        what = "an empty array" if value == [] else type_name(value)
-        raise invalid(name, f"{name} must be a string, an array of strings or of token ids, not {what}")
-    if all(isinstance(p, str) for p in value):
-        return tuple(value)
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        return (token_ids(value, name),)
-    if all(isinstance(p, list) for p in value):
-        return tuple(token_ids(p, name) for p in value)
-    raise invalid(name, f"{name} must be a string, an array of strings, of token ids or of token-id arrays")
-
-
-def token_ids(ids: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(ids, list):
-        raise invalid(name, f"{name} must be an array of token ids, not {type_name(ids)}")
-    if not ids:
-        raise invalid(name, f"{name} has an empty array of token ids")
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise invalid(name, f"{name}: token ids must be integers >= 0, got {t!r}")
-    return tuple(ids)
 
 
 def parse_stop(value: Any, name: str) -> tuple[str, ...]:
@@ -94,14 +63,6 @@ def parse_seed(value: Any, name: str) -> int:
     return parse_int(value, name, -(1 << 63), (1 << 64) - 1)
 
 
-_PROMPT_SCHEMA = {
-    "oneOf": [
-        {"type": "string"},
-        {"type": "array", "items": {"type": "string"}},
-        {"type": "array", "items": {"type": "integer", "minimum": 0}},
-        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
-    ]
-}
 _STOP_SCHEMA = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]}
 _BIAS_SCHEMA = {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
 _STREAM_OPTIONS_SCHEMA = {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}
@@ -138,17 +99,6 @@ SAMPLING_FIELDS = (
     ),
 )
 
-COMPLETION_FIELDS = (
-    string("model", None, "A served model id or alias (see /v1/models). Required.", required=True),
-    Field("prompt", _PROMPT_SCHEMA, parse_prompt, ("<|endoftext|>",), "Prompt(s): text or token ids."),
-    integer("max_tokens", 16, "Tokens to generate per choice (at most MAX_TOKENS); 0 with echo scores.", 0),
-    *SAMPLING_FIELDS,
-    integer("best_of", None, "Generate this many per prompt and return the n with the best mean logprob.", 1),
-    boolean("echo", False, "Return the prompt before the completion (and its logprobs with logprobs)."),
-    integer("logprobs", None, "Return the logprobs of the chosen tokens and this many alternatives.", 0, 5),
-    string("suffix", None, "Not supported: GPT-2 cannot insert text; any non-empty value is a 400."),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -158,18 +108,6 @@ class Sampling:
     user: str | None = None
     stream: bool = False
     include_usage: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class CompletionRequest:
-    model: str
-    prompts: tuple[Prompt, ...]
-    sampling: Sampling
-    echo: bool = False
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.sampling.params
 
 
 def sampling_from(values: dict[str, Any], settings: Settings, **extra: Any) -> Sampling:
@@ -192,32 +130,3 @@ def check_max_tokens(max_tokens: int, settings: Settings, param: str = "max_toke
             param,
             f"{param} is {max_tokens}, but this server allows at most {settings.max_tokens} (MAX_TOKENS)",
         )
-
-
-def parse_completion(body: Mapping[str, Any], settings: Settings) -> CompletionRequest:
-    """Validates a completions body (a JSON object, or a coerced query string)."""
-    v = parse_fields(body, COMPLETION_FIELDS)
-    if v["suffix"]:
-        raise invalid("suffix", "suffix is not supported: GPT-2 can only continue text, not insert it")
-    n = v["n"]
-    check_max_tokens(v["max_tokens"], settings)
-    if len(v["prompt"]) > settings.max_prompts:
-        raise invalid("prompt", f"at most {settings.max_prompts} prompts per request (MAX_PROMPTS)")
-    best_of = v["best_of"]
-    if best_of is not None:
-        if best_of < n:
-            raise invalid("best_of", f"best_of ({best_of}) must be greater than or equal to n ({n})")
-        if best_of > settings.max_n:
-            raise invalid("best_of", f"best_of is {best_of}, but this server allows at most {settings.max_n}")
-        if v["stream"] and best_of > 1:
-            raise invalid(
-                "best_of", "best_of cannot be used with stream: the best choices are known at the end"
-            )
-    extra = dict(max_tokens=v["max_tokens"], best_of=best_of, logprobs=v["logprobs"])
-    prompt_logprobs = v["echo"] and v["logprobs"] is not None
-    return CompletionRequest(
-        v["model"],
-        v["prompt"],
-        sampling_from(v, settings, **extra, prompt_logprobs=prompt_logprobs),
-        v["echo"],
-    )

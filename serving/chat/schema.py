@@ -8,7 +8,7 @@ from typing import Any
 
 from serving.errors import invalid
 from serving.fields import Field, boolean, integer, parse_fields, string, type_name
-from serving.schemas import SAMPLING_FIELDS, Sampling, check_max_tokens, sampling_from
+from serving.sampling_fields import SAMPLING_FIELDS, Sampling, check_max_tokens, sampling_from
 from serving.settings import Settings
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")

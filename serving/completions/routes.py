@@ -7,10 +7,11 @@ from typing import Any
 
 from quart import Blueprint, Response
 
-from serving.completions import CompletionShaper, start, tokenize_prompts
-from serving.context import json_body, json_response, state
-from serving.schemas import parse_completion
+from serving.completions.response import CompletionShaper, start, tokenize_prompts
+from serving.completions.schema import parse_completion
+from serving.json_io import json_body, json_response
 from serving.sse import sse_response
+from serving.state import state
 
 blueprint = Blueprint("completions", __name__)
 

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from gpt2jax.engine.api import Engine, GenerationRequest, TokenLogprob
 from gpt2jax.tokenizer import GPT2Tokenizer
-from serving.generation import (
+from serving.completions.schema import CompletionRequest
+from serving.fanout import (
     ChoiceState,
     Primed,
     check_token_ids,
     collect,
     context_error,
     merge,
+    new_id,
     start_all,
 )
 from serving.limits import check_prompt_text, keep_tail
-from serving.schemas import CompletionRequest
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_urlsafe(18)}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,34 +1,17 @@
-"""Per-app state (settings, models, metrics) and the JSON in/out helpers every route uses."""
+"""The JSON in and out of every route: the request body as a JSON object, the pretty-printed response."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from typing import Any
 
-from quart import Response, current_app, request
+from quart import Response, request
 
 from serving.errors import APIError
-from serving.metrics import Metrics
-from serving.registry import ModelRegistry
-from serving.settings import Settings
 
-EXTENSION = "gpt2jax"
 # A JSON escape of a UTF-16 surrogate: valid in pairs (emoji), not text alone.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-
-@dataclasses.dataclass
-class ServerState:
-    settings: Settings
-    registry: ModelRegistry
-    metrics: Metrics
-    draining: bool = False  # set on SIGTERM: /health then answers 503
-
-
-def state() -> ServerState:
-    return current_app.extensions[EXTENSION]
 
 
 async def json_body() -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""POST /tokenize and /detokenize (vLLM's shapes): routes.py, with their request fields."""
