@@ -34,8 +34,8 @@ from waits import HANG
 
 from gpt2jax.config import GPT2Config
 from gpt2jax.decode import PromptScores
-from gpt2jax.engine.device import Prefilled
 from gpt2jax.engine.programs import DevicePrograms
+from gpt2jax.engine.slots import Prefilled
 from gpt2jax.sampling import NUM_TOP_LOGPROBS, SampleOutput
 
 K = NUM_TOP_LOGPROBS

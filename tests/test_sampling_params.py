@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fake_engine import ScriptedEngine, call, make_app
 
-from gpt2jax.engine.device import make_row
+from gpt2jax.engine.slots import make_row
 from gpt2jax.sampling import SCALARS, SamplingTensors, seed_key
 from gpt2jax.sampling_params import SamplingParams, derive_seed, field_names, per_prompt
 from serving.chat.schema import CHAT_FIELDS

@@ -3,7 +3,8 @@
 A request goes prefill (one prompt, right-padded to a length bucket) -> insert (its KV written into one
 decode slot, the slot index traced, its first token sampled with the slot's own settings) -> decode (a
 chunk of steps for every slot at once, the state donated so the KV cache is updated in place; the chunk
-stops early once every slot is done).
+stops early once every slot is done). Prefill, the first token and the decode loop are gpt2jax/decode.py's,
+the same functions the notebook Sampler runs.
 Decode is compiled for a few cache windows (powers of two up to n_ctx): a chunk whose live rows are all
 short attends over, and writes, only the start of the cache, so a step reads a fraction of it. It is also
 compiled for a few numbers of leading slots per device (powers of 4 and all of them): slots are filled in
@@ -25,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,62 +36,14 @@ from jax.sharding import PartitionSpec as P
 
 from gpt2jax import decode, sampling
 from gpt2jax.config import GPT2Config
-from gpt2jax.decode import DecodeState, PromptScores
+from gpt2jax.decode import DecodeState
 from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_row_counts
+from gpt2jax.engine.slots import Prefilled, SlotRow, make_row
 from gpt2jax.model import KVCache, init_cache
-from gpt2jax.sampling_params import SamplingParams
 from gpt2jax.sharding import Layout, make_mesh
 
 AXIS = "data"
-
-
-class SlotRow(NamedTuple):
-    """What insert writes into a slot besides the KV: one request choice's settings (scalars, 1-row params)."""
-
-    length: np.ndarray  # [] i32, prompt length
-    max_tokens: np.ndarray  # [] i32, >= 1
-    eos: np.ndarray  # [] i32, -1 for none
-    want_top: np.ndarray  # [] bool
-    params: sampling.SamplingTensors  # one row each
-
-
-class Prefilled(NamedTuple):
-    """One prompt's prefill (a batched prefill returns one per prompt)."""
-
-    cache: KVCache  # per layer (k, v) [1, n_head, P, head_dim]
-    logits: jax.Array  # [V] f32 at the last prompt token
-    scores: PromptScores | None  # [1, P] prompt logprobs when asked for
-
-
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
-    """Turns on JAX's persistent compilation cache so a restarted server skips most compiling.
-
-    path: default $JAX_CACHE_DIR, else ~/.cache/gpt2jax/jax. Returns the folder used.
-    """
-    from jax.experimental.compilation_cache import compilation_cache
-
-    folder = os.fspath(path or os.environ.get("JAX_CACHE_DIR") or "~/.cache/gpt2jax/jax")
-    folder = os.path.expanduser(folder)
-    os.makedirs(folder, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", folder)
-    # JAX's default skips programs that compiled in under a second; the decode step of a small model is
-    # one of those, and a restart should still find it.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()  # re-read the settings even if something was compiled already
-    return folder
-
-
-def make_row(length: int, eos: int, params: SamplingParams, n_vocab: int) -> SlotRow:
-    """Host-side builder of one slot's settings: a choice's record (its own seed already derived)."""
-    return SlotRow(
-        np.int32(length),
-        np.int32(params.max_tokens),
-        np.int32(eos),
-        np.bool_(bool(params.logprobs)),
-        sampling.tensors_from([params], n_vocab),
-    )
 
 
 def _window(cache: KVCache, window: int) -> KVCache:

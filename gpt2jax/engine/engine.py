@@ -24,11 +24,11 @@ import jax.numpy as jnp
 
 from gpt2jax.config import GPT2Config
 from gpt2jax.engine.api import EngineError, Event, GenerationRequest
-from gpt2jax.engine.device import SlotPrograms, enable_compilation_cache
+from gpt2jax.engine.device import SlotPrograms
 from gpt2jax.engine.job import END, Job
 from gpt2jax.engine.metrics import EngineMetrics, publish, unpublish
 from gpt2jax.engine.programs import DevicePrograms
-from gpt2jax.engine.warmup import BackgroundCompile, split
+from gpt2jax.engine.warmup import BackgroundCompile, enable_compilation_cache, split
 from gpt2jax.engine.worker import EngineFault, SlotWorker
 from gpt2jax.sampler import MIN_BUCKET, bucket
 from gpt2jax.sharding import Layout

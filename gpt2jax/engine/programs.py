@@ -22,7 +22,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from gpt2jax.config import GPT2Config
-    from gpt2jax.engine.device import Prefilled, SlotRow
+    from gpt2jax.engine.slots import Prefilled, SlotRow
     from gpt2jax.sampling import SampleOutput
 
 

@@ -14,6 +14,7 @@ the requests beside it, once.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -94,3 +95,23 @@ class BackgroundCompile:
         """Ends the work after the program being compiled (XLA cannot be interrupted) and waits for it."""
         self._stop.set()
         self._thread.join(timeout)
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
+    """Turns on JAX's persistent compilation cache so a restarted server skips most compiling.
+
+    path: default $JAX_CACHE_DIR, else ~/.cache/gpt2jax/jax. Returns the folder used.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    folder = os.fspath(path or os.environ.get("JAX_CACHE_DIR") or "~/.cache/gpt2jax/jax")
+    folder = os.path.expanduser(folder)
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    # JAX's default skips programs that compiled in under a second; the decode step of a small model is
+    # one of those, and a restart should still find it.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()  # re-read the settings even if something was compiled already
+    return folder

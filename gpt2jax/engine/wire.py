@@ -171,7 +171,7 @@ def encode_row(row: Any) -> bytes:
 
 def decode_row(data: bytes, n_vocab: int) -> Any:
     """The SlotRow that encode_row encoded."""
-    from gpt2jax.engine.device import make_row
+    from gpt2jax.engine.slots import make_row
     from gpt2jax.sampling import NEUTRAL
 
     template = make_row(1, -1, NEUTRAL.replace(max_tokens=1), n_vocab)

@@ -23,8 +23,9 @@ import numpy as np
 
 from gpt2jax.engine.api import EngineOverloaded
 from gpt2jax.engine.choice import ChoiceStream
-from gpt2jax.engine.device import Prefilled, SlotPrograms, make_row
+from gpt2jax.engine.device import SlotPrograms
 from gpt2jax.engine.job import Job
+from gpt2jax.engine.slots import Prefilled, make_row
 from gpt2jax.sampler import bucket
 from gpt2jax.sampling import NUM_TOP_LOGPROBS, SampleOutput
 from gpt2jax.sampling_params import derive_seed

@@ -1,0 +1,43 @@
+"""What crosses between the engine's scheduler and its device programs for one slot: the settings insert
+writes into it (SlotRow, made from a choice's SamplingParams record) and a prompt's prefill (Prefilled)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from gpt2jax import sampling
+from gpt2jax.decode import PromptScores
+from gpt2jax.model import KVCache
+from gpt2jax.sampling_params import SamplingParams
+
+
+class SlotRow(NamedTuple):
+    """What insert writes into a slot besides the KV: one request choice's settings (scalars, 1-row params)."""
+
+    length: np.ndarray  # [] i32, prompt length
+    max_tokens: np.ndarray  # [] i32, >= 1
+    eos: np.ndarray  # [] i32, -1 for none
+    want_top: np.ndarray  # [] bool
+    params: sampling.SamplingTensors  # one row each
+
+
+class Prefilled(NamedTuple):
+    """One prompt's prefill (a batched prefill returns one per prompt)."""
+
+    cache: KVCache  # per layer (k, v) [1, n_head, P, head_dim]
+    logits: jax.Array  # [V] f32 at the last prompt token
+    scores: PromptScores | None  # [1, P] prompt logprobs when asked for
+
+
+def make_row(length: int, eos: int, params: SamplingParams, n_vocab: int) -> SlotRow:
+    """Host-side builder of one slot's settings: a choice's record (its own seed already derived)."""
+    return SlotRow(
+        np.int32(length),
+        np.int32(params.max_tokens),
+        np.int32(eos),
+        np.bool_(bool(params.logprobs)),
+        sampling.tensors_from([params], n_vocab),
+    )
