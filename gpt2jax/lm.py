@@ -83,7 +83,7 @@ class LanguageModel:
     def generate(
         self,
         prompt_or_prompts: str | Sequence[str],
-        max_tokens: int | Sequence[int] = 16,
+        max_tokens: int | Sequence[int] | None = None,
         *,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         **settings: Any,
@@ -106,7 +106,7 @@ class LanguageModel:
     def complete(
         self,
         prompt_or_prompts: str | Sequence[str],
-        max_tokens: int | Sequence[int] = 16,
+        max_tokens: int | Sequence[int] | None = None,
         *,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         **settings: Any,
@@ -114,7 +114,9 @@ class LanguageModel:
         """As `generate`, but each choice as a `Completion`: text, token ids, finish reason, and with
         `logprobs=k` each token's logprob and top k alternatives, with `prompt_logprobs=True` the prompt's."""
         prompts = [prompt_or_prompts] if isinstance(prompt_or_prompts, str) else list(prompt_or_prompts)
-        rows = per_prompt(len(prompts), sampling_params, max_tokens=max_tokens, **settings)
+        if max_tokens is not None:  # else the records' own (default 16)
+            settings["max_tokens"] = max_tokens
+        rows = per_prompt(len(prompts), sampling_params, **settings)
         requests = []
         for prompt, params in zip(prompts, rows, strict=True):
             if params.seed is None:  # a fresh seed per call, each choice its own stream from it

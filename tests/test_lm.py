@@ -67,3 +67,19 @@ def test_min_p_one_is_greedy_at_any_temperature(tiny_model):
     assert tiny_model.generate("The", max_tokens=16, temperature=1.8, seed=5) != greedy  # it does sample
     with pytest.raises(ValueError, match="min_p"):
         tiny_model.generate("The", min_p=2.0)
+
+
+def test_generate_takes_per_prompt_settings_and_records(tiny_model):
+    prompts = ["The", "def f(x):", "Hello"]
+    alone = [
+        tiny_model.generate(p, max_tokens=m, temperature=0.0)[0]
+        for p, m in zip(prompts, [3, 9, 5], strict=True)
+    ]
+    assert tiny_model.generate(prompts, [3, 9, 5], temperature=0.0) == alone
+    records = [gpt2jax.SamplingParams(max_tokens=m, temperature=0.0) for m in (3, 9, 5)]
+    assert tiny_model.generate(prompts, sampling_params=records) == alone  # the records' own max_tokens
+    done = tiny_model.complete(prompts[:2], max_tokens=4, temperature=0.0, logprobs=2, prompt_logprobs=True)
+    assert [c.prompt_index for c in done] == [0, 1] and all(len(c.logprobs) == len(c.token_ids) for c in done)
+    assert all(len(t.top) == 2 for c in done for t in c.logprobs)
+    scores = tiny_model.score(prompts[1])
+    np.testing.assert_allclose([t.logprob for t in done[1].prompt_logprobs[1:]], scores[1:], atol=1e-4)

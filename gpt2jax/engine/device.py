@@ -8,7 +8,8 @@ the same functions the notebook Sampler runs.
 Decode is compiled for a few cache windows (powers of two up to n_ctx): a chunk whose live rows are all
 short attends over, and writes, only the start of the cache, so a step reads a fraction of it. It is also
 compiled for a few numbers of leading slots per device (powers of 4 and all of them): slots are filled in
-that order, so a lone request decodes one row, not all of them (on the CPU a step of 16 rows costs ~3x one).
+that order, so a lone request decodes one row, not all of them (benchmarks/README.md: a step's cost
+grows with its rows).
 
 Everything lives on a ("data", "model") mesh (gpt2jax.sharding.Layout; default: every device on data).
 The slot axis is split over "data"; the weights and the KV cache's heads over "model" (tensor parallel;
@@ -254,7 +255,7 @@ class SlotPrograms(DevicePrograms):
 
     def _prefill_row_counts(self, bucket: int, score: bool) -> tuple[int, ...]:
         # Compiled for 1, 4, 16, ... prompts and a full batch; a partial batch is padded to the next count.
-        # (Padded to a full batch, a wave of 2-4 late requests cost a 16-row prefill: 414 vs 138 ms, 124M.)
+        # (Padded to a full batch, a wave of 2-4 late requests would pay for a 16-row prefill.)
         return prefill_row_counts(bucket, self.slots, score, self.batch_invariant)
 
     def _prefill_program(self, score: bool, rows: int) -> Any:

@@ -39,19 +39,9 @@ if TYPE_CHECKING:  # the notebook's model builds its engine from here: a runtime
 
 __all__ = ["BatchEngine", "EngineFault", "default_chunk_size", "default_slots", "enable_compilation_cache"]
 
-# Defaults, measured with benchmarks/bench_engine.py --sweep on a 124M-shaped fp32 model on a 2-core Xeon
-# (2 x slots requests of 32+32 tokens, `slots` at a time, best of 2 interleaved rounds). Before batched
-# prefill and leading-slot decode (two runs):
-#   slots x chunk    16x1   16x2   16x4   16x8  |  8x4    16x4   32x4
-#   tok/s            28     80     108    105   |  69     89     137
-#   TTFT p50 (ms)    1253   1043   1032   1374  |  763    1131   2217
-# With them (one quiet run):
-#   slots x chunk    16x4   16x8   16x16
-#   tok/s            165    183    178
-#   TTFT p50 / p99   617 / 1286   748 / 973   1115 / 1537
-# A short chunk pays the per-call cost (dispatch, host work, copying the decode window in and out: ~30 ms
-# a call here) too often; 16 adds admission latency. 32 slots give more throughput when all are busy, but
-# every stream decodes slower, first tokens wait longer and the KV cache doubles: 16 is the default.
+# Defaults chosen with benchmarks/bench_engine.py --sweep (figures: benchmarks/README.md, "Engine defaults"):
+# a short chunk pays the per-call cost too often, a long one adds admission latency; more slots give
+# throughput when all are busy but slow every stream and grow the KV cache.
 CPU_CHUNK_SIZE = 8
 ACCELERATOR_CHUNK_SIZE = 16  # unmeasured here: steps of a few ms want the per-call cost amortised more
 CPU_SLOTS = 16  # all CPU "devices" of a host share its cores: this many slots in all, not per device

@@ -17,10 +17,9 @@ length bucket is the prompt's own). A request's arithmetic is then the same what
 
 from __future__ import annotations
 
-# A batched prefill covers at most this many prompt positions (rows x bucket). On the CPU a prefill of one
-# short prompt is a skinny matmul that runs far below the machine's peak: 16 prompts of 32 tokens took
-# ~20 ms each together against ~115 ms each alone (124M shapes, 2-core Xeon). Longer prompts fill the
-# matmuls by themselves, and a bigger batch would hold up the running streams for longer.
+# A batched prefill covers at most this many prompt positions (rows x bucket). A prefill of one short
+# prompt is a skinny matmul far below the machine's peak (benchmarks/README.md, "Engine defaults"); longer
+# prompts fill the matmuls by themselves, and a bigger batch would hold up the running streams for longer.
 PREFILL_TOKENS = 512
 
 
