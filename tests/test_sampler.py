@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import gpt2jax
-from gpt2jax.decode import steps_until_done
 from gpt2jax.sampler import Sampler, bucket
-from gpt2jax.sampling import SampleOutput, make_params
+from gpt2jax.sampling import make_params
 
 
 @pytest.fixture(scope="module")
@@ -102,35 +97,3 @@ def test_prompt_over_the_context_is_refused(model):
     cfg = model.config
     with pytest.raises(ValueError, match="context"):
         Sampler(cfg).generate(model.params, [[1] * (cfg.n_ctx - 3)], 4, make_params(1, cfg.n_vocab))
-
-
-class _Rows(NamedTuple):
-    steps: jax.Array  # [B] steps each row has run
-    limit: jax.Array  # [B] the row is done after this many
-    done: jax.Array  # [B]
-
-
-def _count_step(state: _Rows) -> tuple[_Rows, SampleOutput]:
-    steps = state.steps + ~state.done
-    out = SampleOutput(
-        token=jnp.where(state.done, -1, steps),
-        logprob=jnp.zeros(steps.shape),
-        top_tokens=jnp.zeros((*steps.shape, 2), jnp.int32),
-        top_logprobs=jnp.zeros((*steps.shape, 2)),
-    )
-    return state._replace(steps=steps, done=steps >= state.limit), out
-
-
-@pytest.mark.parametrize("limits, want_ran", [([3, 5], 5), ([9, 2], 8), ([0, 0], 0)])
-def test_steps_until_done_stops_when_every_row_is(limits, want_ran):
-    """The decode loop of the sampler and of the serving engine: at most 8 steps here, fewer when every
-    row is done sooner, none when all are done at the start; steps not run give token -1."""
-    limit = jnp.array(limits)
-    state = _Rows(jnp.zeros(2, jnp.int32), limit, limit <= 0)
-    ran, state, outs = jax.jit(lambda s: steps_until_done(_count_step, s, 8))(state)
-    assert int(ran) == want_ran
-    assert state.steps.tolist() == [min(n, 8) for n in limits]
-    tokens = np.asarray(outs.token)
-    assert tokens.shape == (8, 2)
-    for row, n in enumerate(limits):
-        assert tokens[:, row].tolist() == [t + 1 if t < n else -1 for t in range(8)]
