@@ -544,7 +544,7 @@ def test_two_engines_serve_side_by_side(lm, engine, mixed):
     assert other.metrics.tokens_generated == b[0].completion_tokens
 
 
-def test_metrics(lm, engine, mixed):
+def test_engine_metrics_count_requests_tokens_and_steps(lm, engine, mixed):
     from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
     from gpt2jax.engine.metrics import EngineCollector
