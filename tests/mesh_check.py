@@ -64,7 +64,7 @@ def library(lm: gpt2jax.LanguageModel) -> tuple[np.ndarray, dict]:
         for name, kw in (("greedy", dict(temperature=0.0)), ("seeded", dict(temperature=0.9, seed=7))):
             sp = make_params(rows, cfg.n_vocab, **kw)
             r = lm.sampler.generate(lm.params, ids[:rows], 12, sp, logprobs=True)
-            out[f"{name}{rows}"] = {"tokens": r.tokens, "logprobs": r.params.logprobs}
+            out[f"{name}{rows}"] = {"tokens": r.tokens, "logprobs": r.logprobs}
     return logits, out
 
 

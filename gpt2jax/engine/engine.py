@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,17 @@ from gpt2jax.sampler import MIN_BUCKET, bucket
 from gpt2jax.sharding import Layout
 from gpt2jax.tokenizer import GPT2Tokenizer
 
-if TYPE_CHECKING:  # the notebook's model builds its engine from here: a runtime import would be a cycle
-    from gpt2jax.lm import LanguageModel
+
+class LoadedModel(Protocol):
+    """What `BatchEngine.from_model` takes of a gpt2jax.lm.LanguageModel (which builds its engine here)."""
+
+    config: GPT2Config
+    params: Any
+    tokenizer: GPT2Tokenizer
+    dtype: Any
+    name: str
+    layout: Layout | None
+
 
 __all__ = ["BatchEngine", "EngineFault", "default_chunk_size", "default_slots", "enable_compilation_cache"]
 
@@ -140,7 +149,7 @@ class BatchEngine:
         self.compiling: BackgroundCompile | None = None  # warmup(background=True)'s thread
 
     @classmethod
-    def from_model(cls, model: LanguageModel, **options: Any) -> BatchEngine:
+    def from_model(cls, model: LoadedModel, **options: Any) -> BatchEngine:
         """An engine for a loaded LanguageModel; options as for the constructor."""
         options.setdefault("name", model.name or "gpt2")
         options.setdefault("layout", model.layout)  # a model loaded onto a mesh is served on it

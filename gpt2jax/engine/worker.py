@@ -16,22 +16,33 @@ import secrets
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import jax
 import numpy as np
 
+from gpt2jax.config import GPT2Config
 from gpt2jax.engine.api import EngineOverloaded
 from gpt2jax.engine.choice import ChoiceStream
-from gpt2jax.engine.device import SlotPrograms
 from gpt2jax.engine.job import Job
+from gpt2jax.engine.metrics import EngineMetrics
+from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.slots import Prefilled, make_row
 from gpt2jax.sampler import bucket
 from gpt2jax.sampling import NUM_TOP_LOGPROBS, SampleOutput
 from gpt2jax.sampling_params import derive_seed
 
-if TYPE_CHECKING:
-    from gpt2jax.engine.engine import BatchEngine
+
+class EngineView(Protocol):
+    """What the worker reads of its engine (BatchEngine), at each use, so settings changed there apply."""
+
+    name: str
+    config: GPT2Config
+    metrics: EngineMetrics
+    chunk_size: int
+    max_queue: int
+    queue_timeout: float  # seconds
+
 
 log = logging.getLogger("gpt2jax.engine.engine")
 
@@ -61,7 +72,7 @@ class SlotWorker:
     Settings (name, chunk_size, max_queue, queue_timeout, metrics) are read from the engine at use.
     """
 
-    def __init__(self, engine: BatchEngine, programs: SlotPrograms) -> None:
+    def __init__(self, engine: EngineView, programs: DevicePrograms) -> None:
         self.engine = engine
         self.programs = programs
         slots = programs.slots
