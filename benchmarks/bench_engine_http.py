@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         env = {**os.environ, "MODELS": str(folder), "PORT": str(port), "MAX_N": "1", "LOG_LEVEL": "WARNING"}
+        env["WARMUP"] = "all"  # load, not compile: every program compiled before /health is 200
         env["MAX_TOKENS"] = str(args.new_tokens)
         proc = subprocess.Popen([sys.executable, "-m", "serving"], env=env)
         try:

@@ -7,7 +7,6 @@ import json
 import pytest
 from fake_engine import ScriptedEngine, call, make_app, sse_payloads
 
-from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.chat.schema import Message
 from serving.chat.template import ChatTemplate, load_template
 from serving.registry import READY, ModelRegistry, ServedModel
@@ -18,11 +17,6 @@ MESSAGES = [
     {"role": "assistant", "content": "Hello."},
     {"role": "user", "content": [{"type": "text", "text": "How "}, {"type": "text", "text": "are you?"}]},
 ]
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir) -> GPT2Tokenizer:
-    return GPT2Tokenizer.from_dir(tokenizer_dir)
 
 
 @pytest.fixture

@@ -9,15 +9,9 @@ import pytest
 from fake_engine import ScriptedEngine, call, make_app, sse_payloads
 
 from gpt2jax.engine.api import EngineError, EngineOverloaded
-from gpt2jax.tokenizer import GPT2Tokenizer
 from serving.completions.schema import COMPLETION_FIELDS
 from serving.openapi import build_spec
 from serving.registry import LOADING, SHIPPED_DIR, ModelRegistry, ServedModel, owner_of
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir) -> GPT2Tokenizer:
-    return GPT2Tokenizer.from_dir(tokenizer_dir)
 
 
 @pytest.fixture
