@@ -53,7 +53,7 @@ class Model(NamedTuple):
 
 
 def prompt_scores(logits: jax.Array, tokens: jax.Array) -> PromptScores:
-    """Scores of prompts tokens [B, P] from the prefill's logits [B, P, V] f32."""
+    """Scores of the prompt tokens [B, P] from the prefill's logits [B, P, V] f32."""
     lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # predictions for tokens 1..P-1
     chosen = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
     top_lp, top_tok = jax.lax.top_k(lp, sampling.NUM_TOP_LOGPROBS)
@@ -64,7 +64,7 @@ def prompt_scores(logits: jax.Array, tokens: jax.Array) -> PromptScores:
 def prefill(
     params: Any, model: Model, tokens: jax.Array, lengths: jax.Array, cache: KVCache, score: bool
 ) -> tuple[jax.Array, KVCache, PromptScores | None]:
-    """Runs right-padded prompts tokens [B, P] i32 (true lengths [B] >= 1) into an empty `cache` of at
+    """Runs right-padded prompt tokens [B, P] i32 (true lengths [B] >= 1) into an empty `cache` of at
     least P positions; returns the logits at each prompt's last token [B, V] f32, the cache, and with
     `score` the prompt's scores (which needs every position's logits; otherwise only the last is computed).
     """
