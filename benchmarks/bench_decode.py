@@ -3,9 +3,8 @@
 A 124M-shaped model with random GPT-2-initialised weights (no download), greedy decoding of a 32-token
 prompt plus 128 new tokens (HF with `min_new_tokens=128`, so neither side stops early), each measured
 after a warm-up as the best of 3 timed runs. The tokens/s counts only the new tokens and includes the
-prompt's prefill, as a user sees it. gpt2jax is also run with bf16 weights and activations (softmax,
-LayerNorm statistics and logits fp32); on the CPU this is slower than fp32, because XLA:CPU has no bf16
-matmul: it converts the weights to fp32 (once per decode chunk) rather than reading half the bytes.
+prompt's prefill, as a user sees it. gpt2jax also runs with its packed bf16 weights and weight-only int8
+(gpt2jax.packed: what `gpt2jax.load(..., dtype="bfloat16")` / `quantization="int8"` give on the CPU).
 
     python benchmarks/bench_decode.py [--batch 1 8] [--new-tokens 128] [--repeats 3]
 
@@ -30,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import gpt2_124m, hf_model, machine, random_params, timed  # noqa: E402
-from gpt2jax import sampling  # noqa: E402
+from gpt2jax import packed, sampling  # noqa: E402
 from gpt2jax.sampler import Sampler  # noqa: E402
 
 PROMPT_LEN = 32
@@ -100,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     config = gpt2_124m()
     params = random_params(config)
     params_dev = jax.device_put(params)
-    params_bf16 = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    params_bf16 = packed.pack_params(params, "bfloat16")
+    params_int8 = packed.pack_params(params, "int8")
     model = hf_model(config, params)
 
     rows = []
@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         runs = {
             "HF transformers generate (PyTorch, KV cache)": hf_run(model, config, batch, args.new_tokens),
             "gpt2jax Sampler, fp32": gpt2jax_run(config, params_dev, jnp.float32, batch, args.new_tokens),
-            "gpt2jax Sampler, bf16 weights": gpt2jax_run(
-                config, params_bf16, jnp.bfloat16, batch, args.new_tokens
+            "gpt2jax Sampler, bf16 weights (packed)": gpt2jax_run(
+                config, params_bf16, jnp.float32, batch, args.new_tokens
+            ),
+            "gpt2jax Sampler, int8 weights (packed)": gpt2jax_run(
+                config, params_int8, jnp.float32, batch, args.new_tokens
             ),
         }
         for fn in runs.values():
@@ -123,19 +126,20 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(PAUSE_S)
                 best[name] = min(best[name], timed(fn, repeats=1))
         base = batch * args.new_tokens / best[next(iter(runs))]
+        ours = batch * args.new_tokens / best["gpt2jax Sampler, fp32"]
         for name, t in best.items():
             tps = batch * args.new_tokens / t
-            rows.append((name, batch, tps, tps / base))
+            rows.append((name, batch, tps, tps / base, tps / ours))
 
     print(f"\nDecode, GPT-2 124M shapes, random weights, {PROMPT_LEN}-token prompt + {args.new_tokens} new")
     print(f"tokens, greedy; torch threads {args.threads}; {machine()}")
     print(
         f"load average at start {load_start}, at end {_load()} (the machine is shared: see the docstring)\n"
     )
-    print("| impl | batch | tok/s | ratio vs HF |")
-    print("|---|---|---|---|")
-    for name, batch, tps, ratio in rows:
-        print(f"| {name} | {batch} | {tps:.1f} | {ratio:.2f}x |")
+    print("| impl | batch | tok/s | ratio vs HF | ratio vs gpt2jax fp32 |")
+    print("|---|---|---|---|---|")
+    for name, batch, tps, ratio, own in rows:
+        print(f"| {name} | {batch} | {tps:.1f} | {ratio:.2f}x | {own:.2f}x |")
 
 
 if __name__ == "__main__":

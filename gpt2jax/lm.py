@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from gpt2jax import sampling
+from gpt2jax import packed, sampling
 from gpt2jax.checkpoint import load_params
 from gpt2jax.config import GPT2Config
 from gpt2jax.engine.api import GenerationRequest
 from gpt2jax.engine.offline import Completion, run_all
+from gpt2jax.quantized_checkpoint import is_quantized_folder, load_quantized, save_quantized
 from gpt2jax.sampler import GenerationResult, Sampler
 from gpt2jax.sampling_params import SamplingParams, per_prompt
 from gpt2jax.sharding import Layout, MeshShape, make_mesh
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
     from gpt2jax.engine.engine import BatchEngine
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
+QUANTIZATIONS = (None, "int8")
+
+
+def _on_cpu(mesh: object) -> bool:
+    """Whether a model loaded with `mesh` runs on the CPU backend with one device."""
+    return mesh is None and jax.default_backend() == "cpu"
 
 
 def models_root(models_dir: str | os.PathLike | None = None) -> Path:
@@ -78,6 +85,7 @@ class LanguageModel:
         self.dtype = dtype
         self.name = name
         self.sampler = Sampler(config, dtype, layout=layout)
+        self.source: Path | None = None  # the folder it was loaded from (tokenizer files for saving)
         self._engine: BatchEngine | None = None
 
     def generate(
@@ -161,11 +169,22 @@ class LanguageModel:
         s = result.prompt_scores
         return [type(s)(*(np.asarray(a[i, : len(p)]) for a in s)) for i, p in enumerate(prompts)]
 
+    @property
+    def weights(self) -> str:
+        """How the weights are stored: "float32", "bfloat16" or "int8" (packed: see gpt2jax.packed)."""
+        wte = self.params["wte"]
+        return jnp.dtype(wte.data.dtype if isinstance(wte, packed.PackedWeight) else wte.dtype).name
+
+    def save_quantized(self, path: str | os.PathLike) -> None:
+        """Writes this int8 model (`load(..., quantization="int8")`) as a folder that `load` reads back
+        without re-quantising (gpt2jax.quantized_checkpoint). Raises ValueError for other weights."""
+        save_quantized(path, self.config, self.params, tokenizer_dir=self.source)
+
     def __repr__(self) -> str:
         c = self.config
         return (
             f"LanguageModel({self.name!r}, n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, "
-            f"n_ctx={c.n_ctx}, n_vocab={c.n_vocab}, dtype={jnp.dtype(self.dtype).name})"
+            f"n_ctx={c.n_ctx}, n_vocab={c.n_vocab}, dtype={jnp.dtype(self.dtype).name}, weights={self.weights})"
         )
 
 
@@ -173,13 +192,17 @@ def load(
     path_or_name: str | os.PathLike,
     dtype: str = "float32",
     *,
+    quantization: str | None = None,
     allow_pickle: bool = False,
     mesh: Mesh | MeshShape | str | None = None,
     download: bool = False,
 ) -> LanguageModel:
     """Loads a GPT-2 checkpoint folder (Hugging Face or OpenAI layout) or a model name under ./checkpoints.
 
-    dtype: "float32" (default, exact) or "bfloat16" (weights and activations; half the memory traffic).
+    dtype: "float32" (default, exact) or "bfloat16": half the bytes per weight. On the CPU the weights are
+    packed for gpt2jax.packed's kernel and activations stay f32; elsewhere activations are bf16 too.
+    quantization: None, or "int8": weight-only int8 with a scale per output channel (gpt2jax.packed);
+    activations in `dtype`. A folder saved by `save_quantized` loads as int8 without re-quantising.
     mesh: spread the model over devices (gpt2jax.sharding): a Mesh, or a shape such as "model:4" or
     "data:2,model:4" over all devices. The weights go from the host straight to the devices, each device
     receiving only its part, so a model too big for one device loads. None: one device.
@@ -188,6 +211,8 @@ def load(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     try:
         folder = resolve_checkpoint(path_or_name)
     except FileNotFoundError as e:
@@ -197,10 +222,26 @@ def load(
 
         folder = fetch(str(path_or_name), dest_root=models_root())
     jdtype = DTYPES[dtype]
-    config, params = load_params(folder, dtype=np.float32, allow_pickle=allow_pickle)
     tokenizer = GPT2Tokenizer.from_dir(folder)
+    pack_mode = "int8" if quantization else "bfloat16" if jdtype == jnp.bfloat16 and _on_cpu(mesh) else None
+    if is_quantized_folder(folder) or pack_mode is not None:
+        if mesh is not None:
+            raise ValueError("packed or int8 weights run on one device: load them without a mesh")
+        if is_quantized_folder(folder):
+            config, params = load_quantized(folder)
+        else:
+            config, params = load_params(folder, dtype=np.float32, allow_pickle=allow_pickle)
+            params = packed.pack_params(params, pack_mode)
+        act = jnp.float32 if jax.default_backend() == "cpu" else jdtype
+        return _sourced(LanguageModel(config, params, tokenizer, act, name=folder.name), folder)
+    config, params = load_params(folder, dtype=np.float32, allow_pickle=allow_pickle)
     if mesh is None:
         params = jax.tree.map(lambda a: jnp.asarray(a, jdtype), params)
-        return LanguageModel(config, params, tokenizer, jdtype, name=folder.name)
+        return _sourced(LanguageModel(config, params, tokenizer, jdtype, name=folder.name), folder)
     layout = Layout(mesh if isinstance(mesh, Mesh) else make_mesh(mesh))
-    return LanguageModel(config, params, tokenizer, jdtype, name=folder.name, layout=layout)
+    return _sourced(LanguageModel(config, params, tokenizer, jdtype, name=folder.name, layout=layout), folder)
+
+
+def _sourced(model: LanguageModel, folder: Path) -> LanguageModel:
+    model.source = folder
+    return model

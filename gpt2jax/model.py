@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt2jax import packed
 from gpt2jax.config import GPT2Config
 
 # One layer's cache: (keys, values), each [B, n_head, S, head_dim].
@@ -70,8 +71,12 @@ class Conv1D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.param("w", nn.initializers.normal(0.02), (x.shape[-1], self.features))
+        w = self.get_variable("params", "w") if self.has_variable("params", "w") else None
+        if not isinstance(w, packed.PackedWeight):  # a packed weight is not checked against a shape
+            w = self.param("w", nn.initializers.normal(0.02), (x.shape[-1], self.features))
         b = self.param("b", nn.initializers.zeros, (self.features,))
+        if isinstance(w, packed.PackedWeight):
+            return packed.matmul(x, w).astype(self.dtype) + b.astype(self.dtype)
         return matmul(x, w.astype(self.dtype)) + b.astype(self.dtype)
 
 
@@ -95,12 +100,15 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return out.reshape(*x.shape[:-1], N)
 
 
-def unembed(x: jax.Array, wte: jax.Array) -> jax.Array:
-    """Logits x [B, T, E] @ wte [V, E]^T in fp32.
+def unembed(x: jax.Array, wte: jax.Array | packed.PackedWeight, dtype: Any = jnp.float32) -> jax.Array:
+    """Logits x [B, T, E] @ wte [V, E]^T in fp32 (wte in `dtype`, or packed as its transpose).
 
     For a single row the vocabulary is cut into equal blocks (a free reshape of wte; 50257 = 29 * 1733)
     so that XLA runs them as concurrent matrix-vector products instead of one single-threaded one.
     """
+    if isinstance(wte, packed.PackedWeight):
+        return packed.matmul(x, wte)
+    wte = wte.astype(dtype)
     B, T, E = x.shape
     V = wte.shape[0]
     blocks = _vocab_blocks(V)
@@ -251,9 +259,13 @@ class GPT2(nn.Module):
         With hidden_only, returns the final hidden states [B, T, n_embd] instead of logits.
         """
         cfg = self.config
-        wte = self.param("wte", nn.initializers.normal(0.02), (cfg.n_vocab, cfg.n_embd))
+        if self.has_variable("params", "wte"):  # may be packed (gpt2jax.packed)
+            wte = self.get_variable("params", "wte")
+        else:
+            wte = self.param("wte", nn.initializers.normal(0.02), (cfg.n_vocab, cfg.n_embd))
         wpe = self.param("wpe", nn.initializers.normal(0.01), (cfg.n_ctx, cfg.n_embd))
-        x = (wte[tokens] + wpe[positions]).astype(self.dtype)  # (B, T, E)
+        rows = packed.embed(wte, tokens) if isinstance(wte, packed.PackedWeight) else wte[tokens]
+        x = (rows + wpe[positions]).astype(self.dtype)  # (B, T, E)
         new_cache = []
         for i in range(cfg.n_layer):
             x, layer_cache = Block(cfg, self.dtype, self.qkv_groups, name=f"h{i}")(x, positions, cache[i])
@@ -261,8 +273,7 @@ class GPT2(nn.Module):
         x = LayerNorm(cfg.layer_norm_epsilon, self.dtype, name="ln_f")(x)
         if hidden_only:
             return x, tuple(new_cache)
-        logits = unembed(x, wte.astype(self.dtype))
-        return logits, tuple(new_cache)
+        return unembed(x, wte, self.dtype), tuple(new_cache)
 
 
 def forward(
@@ -308,7 +319,7 @@ def forward_last(
         params, config, tokens, positions, cache, dtype, qkv_groups, hidden_only=True
     )  # (B, T, E)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # (B, 1, E)
-    return unembed(last, params["wte"].astype(dtype))[:, 0], cache
+    return unembed(last, params["wte"], dtype)[:, 0], cache
 
 
 def init_params(config: GPT2Config, rng: jax.Array) -> Any:

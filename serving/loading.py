@@ -141,7 +141,11 @@ async def load_all(registry: ModelRegistry, settings: Settings, build: EngineBui
         try:
             log.info("loading %s from %s", m.name, m.path)
             model = await asyncio.to_thread(
-                gpt2jax.load, m.path, settings.dtype, mesh=serving_mesh(settings.mesh)
+                gpt2jax.load,
+                m.path,
+                settings.dtype,
+                quantization=settings.quantization,
+                mesh=serving_mesh(settings.mesh),
             )
             engine = build(model, settings)
             m.engine, m.status = engine, WARMING

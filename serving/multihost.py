@@ -60,7 +60,9 @@ def run_follower(settings: Any, registry: Any, channel: Channel) -> int:
         signal.signal(sig, note)
     programs = []
     for m in registry.models.values():
-        model = gpt2jax.load(m.path, settings.dtype, mesh=serving_mesh(settings.mesh))
+        model = gpt2jax.load(
+            m.path, settings.dtype, quantization=settings.quantization, mesh=serving_mesh(settings.mesh)
+        )
         engine = build_engine(model, settings)
         engine.warmup()
         programs.append(engine.programs)

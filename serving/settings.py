@@ -31,6 +31,7 @@ class Settings:
     max_body_bytes: int = 2 * 1024 * 1024  # MAX_BODY_BYTES: larger request bodies get 413
     graceful_timeout: float = 30.0  # GRACEFUL_TIMEOUT: seconds to finish in-flight requests on SIGTERM
     dtype: str = "float32"  # DTYPE: float32 or bfloat16 weights
+    quantization: str | None = None  # QUANTIZATION: int8 (weight-only, gpt2jax.packed); empty: none
     slots: int | None = None  # SLOTS: the engine's decode slots (default: the engine's choice per device)
     chunk_size: int | None = None  # CHUNK_SIZE: decode steps per device call (default: the engine's choice)
     mesh: str = ""  # MESH: "data:4,model:2" device mesh (gpt2jax.sharding); empty: slots over all devices
@@ -68,6 +69,7 @@ class Settings:
             max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, 1024, 1 << 31),
             graceful_timeout=_float(env, "GRACEFUL_TIMEOUT", d.graceful_timeout),
             dtype=get("DTYPE") or d.dtype,
+            quantization=_quantization(get("QUANTIZATION").lower()),
             slots=_int(env, "SLOTS", 0, 1, 1 << 16) or None,
             chunk_size=_int(env, "CHUNK_SIZE", 0, 1, 1024) or None,
             mesh=_mesh(get("MESH")),
@@ -122,6 +124,14 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{name}={raw!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+
+
+def _quantization(value: str) -> str | None:
+    if value in ("", "none"):
+        return None
+    if value != "int8":
+        raise SettingsError(f"QUANTIZATION={value!r}: expected int8 or none")
+    return value
 
 
 def _warmup(value: str) -> str:

@@ -1,0 +1,187 @@
+// y[M, N] = (x[M, K] @ W[K, N]) * scale[N] for W stored as packed int8 or bfloat16 tiles.
+//
+// W is packed as [T, K, 16] (T = ceil(N / 16); column n is tile n / 16, lane n % 16), so that one tile's
+// sweep over K reads one contiguous stream. Weights are widened to f32 in registers and accumulated in
+// f32: nothing is dequantised to memory, so a decode step reads 1 (int8) or 2 (bf16) bytes per weight.
+// Tiles are shared out to XLA's intra-op thread pool and the calling thread.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GPT2JAX_AVX2 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+#ifdef GPT2JAX_AVX2
+inline void Widen(const int8_t* p, __m256& lo, __m256& hi) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+}
+
+inline void Widen(const uint16_t* p, __m256& lo, __m256& hi) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+}
+
+// R rows of x against TT consecutive tiles starting at w. Every output is summed over k in order, one FMA
+// per k, whatever R and TT: a row's result does not depend on the rows or the batch size beside it.
+template <int R, int TT, typename W>
+void Block(const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t N, int64_t n0) {
+  __m256 acc[R][TT][2];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 xb[R];
+    for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(x + r * K + k);
+    for (int t = 0; t < TT; ++t) {
+      __m256 lo, hi;
+      Widen(w + (t * K + k) * kLanes, lo, hi);
+      for (int r = 0; r < R; ++r) {
+        acc[r][t][0] = _mm256_fmadd_ps(xb[r], lo, acc[r][t][0]);
+        acc[r][t][1] = _mm256_fmadd_ps(xb[r], hi, acc[r][t][1]);
+      }
+    }
+  }
+  for (int t = 0; t < TT; ++t) {
+    const float* s = scale + t * kLanes;
+    int64_t col = n0 + t * kLanes, cols = std::min<int64_t>(kLanes, N - col);
+    if (cols <= 0) break;
+    for (int r = 0; r < R; ++r) {
+      float buf[kLanes];
+      _mm256_storeu_ps(buf, _mm256_mul_ps(acc[r][t][0], _mm256_loadu_ps(s)));
+      _mm256_storeu_ps(buf + 8, _mm256_mul_ps(acc[r][t][1], _mm256_loadu_ps(s + 8)));
+      std::memcpy(y + r * N + col, buf, cols * sizeof(float));
+    }
+  }
+}
+
+// Tiles [t0, t1) for all M rows: 4 rows a tile at a time (the tile stays in L1 across row blocks), the
+// last 1-3 rows against 2 or 4 tiles at once so that 8 accumulators hide the FMA latency.
+template <typename W>
+void Tiles(const float* x, int64_t M, int64_t K, const W* w, const float* scale, float* y, int64_t N,
+           int64_t t0, int64_t t1) {
+  const int64_t tile = K * kLanes;
+  int64_t m4 = M / 4 * 4;
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t m = 0; m < m4; m += 4)
+      Block<4, 1>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+  int64_t m = m4;
+  if (M - m >= 2) {
+    int64_t t = t0;
+    for (; t + 2 <= t1; t += 2)
+      Block<2, 2>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+    for (; t < t1; ++t) Block<2, 1>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+    m += 2;
+  }
+  if (M - m == 1) {
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4)
+      Block<1, 4>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+    for (; t < t1; ++t) Block<1, 1>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+  }
+}
+#else
+inline float ToFloat(int8_t v) { return static_cast<float>(v); }
+inline float ToFloat(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename W>
+void Tiles(const float* x, int64_t M, int64_t K, const W* w, const float* scale, float* y, int64_t N,
+           int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t cols = std::min<int64_t>(kLanes, N - t * kLanes);
+    for (int64_t m = 0; m < M; ++m) {
+      float acc[kLanes] = {0};
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[m * K + k] * ToFloat(w[(t * K + k) * kLanes + j]);
+      for (int64_t j = 0; j < cols; ++j) y[m * N + t * kLanes + j] = acc[j] * scale[t * kLanes + j];
+    }
+  }
+}
+#endif
+
+// Tiles are claimed in chunks from a shared counter by the caller and by tasks on XLA's pool; a task
+// that starts after the last chunk is claimed does nothing, so the caller never waits on a task that
+// has not begun.
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t chunks = 0, per_chunk = 0, tiles = 0;
+};
+
+template <typename W>
+void RunChunks(const std::shared_ptr<Work>& work, const float* x, int64_t M, int64_t K, const W* w,
+               const float* scale, float* y, int64_t N) {
+  for (;;) {
+    int64_t c = work->next.fetch_add(1);
+    if (c >= work->chunks) return;
+    Tiles(x, M, K, w, scale, y, N, c * work->per_chunk, std::min(work->tiles, (c + 1) * work->per_chunk));
+    work->done.fetch_add(1);
+  }
+}
+
+template <typename W>
+ffi::Error PackedMatmul(ffi::ThreadPool pool, const float* x, int64_t M, int64_t K, const W* w, int64_t T,
+                        const float* scale, float* y, int64_t N) {
+  if (T * kLanes < N) return ffi::Error::InvalidArgument("packed weight has fewer columns than the output");
+  auto work = std::make_shared<Work>();
+  work->tiles = T;
+  // Tasks beyond the pool's threads only add scheduling; a chunk of a few tiles keeps the threads even.
+  int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, T / 4));
+  work->chunks = std::min<int64_t>(T, workers * 8);
+  work->per_chunk = ((T + work->chunks - 1) / work->chunks + 3) / 4 * 4;  // whole groups of 4 tiles
+  work->chunks = (T + work->per_chunk - 1) / work->per_chunk;
+  for (int64_t i = 1; i < workers; ++i)
+    pool.Schedule([=] { RunChunks(work, x, M, K, w, scale, y, N); });
+  RunChunks(work, x, M, K, w, scale, y, N);
+  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType D, typename W>
+ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D> w, ffi::Buffer<ffi::F32> scale,
+                ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kLanes || wd[1] != xd[1] ||
+      yd[0] != xd[0] || scale.element_count() != wd[0] * kLanes)
+    return ffi::Error::InvalidArgument("packed_matmul: x [M, K], w [T, K, 16], scale [T * 16], y [M, N]");
+  return PackedMatmul(pool, x.typed_data(), xd[0], xd[1], reinterpret_cast<const W*>(w.untyped_data()), wd[0],
+                      scale.typed_data(), y->typed_data(), yd[1]);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gpt2jaxPackedMatmulS8, (Impl<ffi::S8, int8_t>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gpt2jaxPackedMatmulBF16, (Impl<ffi::BF16, uint16_t>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
