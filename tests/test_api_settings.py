@@ -41,6 +41,7 @@ def test_every_variable(tmp_path):
         "MAX_BODY_BYTES": "65536",
         "GRACEFUL_TIMEOUT": "5",
         "DTYPE": "bfloat16",
+        "QUANTIZATION": "INT8",
         "LOG_LEVEL": "debug",
         "SLOTS": "32",
         "CHUNK_SIZE": "4",
@@ -56,7 +57,11 @@ def test_every_variable(tmp_path):
     )
     assert s.model_aliases == (("davinci", "345M"), ("ada", "117M")) and s.chat_template == "/t.txt"
     assert (s.graceful_timeout, s.dtype, s.log_level) == (5.0, "bfloat16", "DEBUG")
-    assert (s.slots, s.chunk_size) == (32, 4)
+    assert (s.slots, s.chunk_size, s.quantization) == (32, 4, "int8")
+    assert (
+        Settings.from_env({}).quantization is None
+        and Settings.from_env({"QUANTIZATION": "none"}).quantization is None
+    )
     assert (Settings.from_env({}).slots, Settings.from_env({}).chunk_size) == (None, None)  # the engine's
     assert Settings.from_env({"CORS_ORIGINS": ""}).cors_origins == ()  # set but empty: CORS off
 
@@ -71,6 +76,7 @@ def test_every_variable(tmp_path):
         ({"API_KEYS_FILE": "/no/such/file"}, "API_KEYS_FILE"),
         ({"GRACEFUL_TIMEOUT": "-1"}, "GRACEFUL_TIMEOUT"),
         ({"CHUNK_SIZE": "0"}, "CHUNK_SIZE"),
+        ({"QUANTIZATION": "int4"}, "QUANTIZATION"),
     ],
 )
 def test_bad_values_name_the_variable(env, needle):

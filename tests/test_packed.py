@@ -152,3 +152,29 @@ def test_load_arguments_are_checked(tiny_checkpoint):
         gpt2jax.load(tiny_checkpoint, quantization="int4")
     with pytest.raises(ValueError, match="mesh"):
         gpt2jax.load(tiny_checkpoint, quantization="int8", mesh="model:1")
+
+
+def test_server_quantization_setting_reaches_the_model():
+    import asyncio
+    import pathlib
+
+    from serving.loading import load_all, registry_for
+    from serving.settings import Settings
+
+    built = []
+
+    class Engine:  # what load_all calls; the model is all this test looks at
+        def warmup(self, **_):
+            pass
+
+        def start(self):
+            pass
+
+    def build(model, settings):
+        built.append(model)
+        return Engine()
+
+    settings = Settings.from_env({"QUANTIZATION": "int8"})
+    registry = registry_for([pathlib.Path("checkpoints/pydoc-tiny")], settings)
+    asyncio.run(load_all(registry, settings, build))
+    assert [m.weights for m in built] == ["int8"]
