@@ -43,30 +43,39 @@ inline void Widen(const uint16_t* p, __m256& lo, __m256& hi) {
 template <int R, int TT, typename W>
 void Block(const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t N, int64_t n0) {
   __m256 acc[R][TT][2];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m256 xb[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(x + r * K + k);
+#pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) {
       __m256 lo, hi;
       Widen(w + (t * K + k) * kLanes, lo, hi);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         acc[r][t][0] = _mm256_fmadd_ps(xb[r], lo, acc[r][t][0]);
         acc[r][t][1] = _mm256_fmadd_ps(xb[r], hi, acc[r][t][1]);
       }
     }
   }
+  // Scaled results go through a buffer, so that the accumulators never need an address in the loop.
+  alignas(32) float out[R][TT][kLanes];
+#pragma GCC unroll 8
   for (int t = 0; t < TT; ++t) {
-    const float* s = scale + t * kLanes;
-    int64_t col = n0 + t * kLanes, cols = std::min<int64_t>(kLanes, N - col);
-    if (cols <= 0) break;
+    __m256 s0 = _mm256_loadu_ps(scale + t * kLanes), s1 = _mm256_loadu_ps(scale + t * kLanes + 8);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      float buf[kLanes];
-      _mm256_storeu_ps(buf, _mm256_mul_ps(acc[r][t][0], _mm256_loadu_ps(s)));
-      _mm256_storeu_ps(buf + 8, _mm256_mul_ps(acc[r][t][1], _mm256_loadu_ps(s + 8)));
-      std::memcpy(y + r * N + col, buf, cols * sizeof(float));
+      _mm256_store_ps(out[r][t], _mm256_mul_ps(acc[r][t][0], s0));
+      _mm256_store_ps(out[r][t] + 8, _mm256_mul_ps(acc[r][t][1], s1));
     }
+  }
+  for (int t = 0; t < TT; ++t) {
+    int64_t col = n0 + t * kLanes, cols = std::min<int64_t>(kLanes, N - col);
+    for (int r = 0; r < R && cols > 0; ++r) std::memcpy(y + r * N + col, out[r][t], cols * sizeof(float));
   }
 }
 
