@@ -31,6 +31,8 @@ class Settings:
     max_body_bytes: int = 2 * 1024 * 1024  # MAX_BODY_BYTES: larger request bodies get 413
     graceful_timeout: float = 30.0  # GRACEFUL_TIMEOUT: seconds to finish in-flight requests on SIGTERM
     dtype: str = "float32"  # DTYPE: float32 or bfloat16 weights
+    # KV_CACHE_DTYPE: auto (bf16 with DTYPE=bfloat16, else float32), float32 or bfloat16 (gpt2jax/kv_cache.py)
+    kv_cache_dtype: str = "auto"
     slots: int | None = None  # SLOTS: the engine's decode slots (default: the engine's choice per device)
     chunk_size: int | None = None  # CHUNK_SIZE: decode steps per device call (default: the engine's choice)
     mesh: str = ""  # MESH: "data:4,model:2" device mesh (gpt2jax.sharding); empty: slots over all devices
@@ -68,6 +70,7 @@ class Settings:
             max_body_bytes=_int(env, "MAX_BODY_BYTES", d.max_body_bytes, 1024, 1 << 31),
             graceful_timeout=_float(env, "GRACEFUL_TIMEOUT", d.graceful_timeout),
             dtype=get("DTYPE") or d.dtype,
+            kv_cache_dtype=_kv_cache_dtype((get("KV_CACHE_DTYPE") or d.kv_cache_dtype).lower()),
             slots=_int(env, "SLOTS", 0, 1, 1 << 16) or None,
             chunk_size=_int(env, "CHUNK_SIZE", 0, 1, 1024) or None,
             mesh=_mesh(get("MESH")),
@@ -127,6 +130,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 def _warmup(value: str) -> str:
     if value not in ("background", "all"):
         raise SettingsError(f"WARMUP={value!r}: expected background or all")
+    return value
+
+
+def _kv_cache_dtype(value: str) -> str:
+    # The names of gpt2jax/kv_cache.py, which imports JAX: these settings are read without it.
+    if value not in ("auto", "float32", "bfloat16", "fp32", "bf16"):
+        raise SettingsError(f"KV_CACHE_DTYPE={value!r}: expected auto, float32 or bfloat16")
     return value
 
 

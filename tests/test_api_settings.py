@@ -44,6 +44,7 @@ def test_every_variable(tmp_path):
         "LOG_LEVEL": "debug",
         "SLOTS": "32",
         "CHUNK_SIZE": "4",
+        "KV_CACHE_DTYPE": "BFloat16",
     }
     s = Settings.from_env(env)
     assert (
@@ -56,7 +57,8 @@ def test_every_variable(tmp_path):
     )
     assert s.model_aliases == (("davinci", "345M"), ("ada", "117M")) and s.chat_template == "/t.txt"
     assert (s.graceful_timeout, s.dtype, s.log_level) == (5.0, "bfloat16", "DEBUG")
-    assert (s.slots, s.chunk_size) == (32, 4)
+    assert (s.slots, s.chunk_size, s.kv_cache_dtype) == (32, 4, "bfloat16")
+    assert Settings.from_env({}).kv_cache_dtype == "auto"
     assert (Settings.from_env({}).slots, Settings.from_env({}).chunk_size) == (None, None)  # the engine's
     assert Settings.from_env({"CORS_ORIGINS": ""}).cors_origins == ()  # set but empty: CORS off
 
@@ -71,6 +73,7 @@ def test_every_variable(tmp_path):
         ({"API_KEYS_FILE": "/no/such/file"}, "API_KEYS_FILE"),
         ({"GRACEFUL_TIMEOUT": "-1"}, "GRACEFUL_TIMEOUT"),
         ({"CHUNK_SIZE": "0"}, "CHUNK_SIZE"),
+        ({"KV_CACHE_DTYPE": "int8"}, "KV_CACHE_DTYPE"),
     ],
 )
 def test_bad_values_name_the_variable(env, needle):
