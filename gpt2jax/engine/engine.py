@@ -15,6 +15,7 @@ serving HTTP never waits on the device.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
@@ -28,7 +29,14 @@ from gpt2jax.engine.device import SlotPrograms
 from gpt2jax.engine.job import END, Job
 from gpt2jax.engine.metrics import EngineMetrics, publish, unpublish
 from gpt2jax.engine.programs import DevicePrograms
-from gpt2jax.engine.warmup import BackgroundCompile, enable_compilation_cache, split
+from gpt2jax.engine.warmup import (
+    BackgroundCompile,
+    cache_counts,
+    cache_note,
+    enable_compilation_cache,
+    release_memory,
+    split,
+)
 from gpt2jax.engine.worker import EngineFault, SlotWorker
 from gpt2jax.kv_cache import kv_cache_dtype as kv_cache_dtype_for
 from gpt2jax.sampler import MIN_BUCKET, bucket
@@ -47,6 +55,8 @@ class LoadedModel(Protocol):
     name: str
     layout: Layout | None
 
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BatchEngine", "EngineFault", "default_chunk_size", "default_slots", "enable_compilation_cache"]
 
@@ -193,11 +203,12 @@ class BatchEngine:
         """
         chosen = self.buckets if buckets is None else sorted({bucket(b, self.n_ctx) for b in buckets})
         score = (False, True) if score_prompt else (False,)
-        if not background:
-            self.programs.compile(chosen, score)
-            return
-        now, later = split(self.programs.program_names(chosen, score))
+        names = self.programs.program_names(chosen, score)
+        now, later = split(names) if background else (names, [])
+        seen = cache_counts()
         self.programs.compile(chosen, score, only=now)
+        release_memory()  # what compiling freed
+        log.info("%s: %d programs compiled before ready (%s)", self.name, len(now), cache_note(seen))
         if later:
             self.compiling = BackgroundCompile(self.programs, chosen, score, later, self.name)
 
