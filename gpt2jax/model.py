@@ -122,7 +122,7 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     """Writes new [B, H, T, D] into cache [B, H, S, D] at per-row time offsets start [B].
 
     A bf16 cache is written through its bits (uint16): written as bf16, XLA:CPU converted the whole cache
-    to fp32 and back around each write (1.8-2.9x slower decode steps at 124M, 16 x 1,024).
+    to fp32 and back around each write (a full fp32 copy in the step's temporaries; benchmarks/README.md).
     """
     if cache.dtype == jnp.bfloat16:
         bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
