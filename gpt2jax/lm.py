@@ -18,6 +18,7 @@ from gpt2jax.checkpoint import load_params
 from gpt2jax.config import GPT2Config
 from gpt2jax.engine.api import GenerationRequest
 from gpt2jax.engine.offline import Completion, run_all
+from gpt2jax.kv_cache import kv_cache_dtype as kv_cache_dtype_for
 from gpt2jax.quantized_checkpoint import is_quantized_folder, load_quantized, save_quantized
 from gpt2jax.sampler import GenerationResult, Sampler
 from gpt2jax.sampling_params import SamplingParams, per_prompt
@@ -67,9 +68,12 @@ class LanguageModel:
         dtype: Any = jnp.float32,
         name: str = "",
         layout: Layout | None = None,
+        kv_cache_dtype: Any = "auto",
     ) -> None:
         """params: checkpoint-layout params; with a `layout` (gpt2jax.sharding), they are placed by it
-        (each device gets its part, c_attn regrouped) and `self.params` is that placed tree."""
+        (each device gets its part, c_attn regrouped) and `self.params` is that placed tree.
+        kv_cache_dtype: the KV cache's dtype (gpt2jax.kv_cache; "auto": bf16 for bf16 activations, else
+        the activation dtype), in the engine and the sampler alike."""
         if tokenizer.vocab_size > config.n_vocab:
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.n_vocab}"
@@ -83,8 +87,9 @@ class LanguageModel:
             self.params = layout.shard_params(params, config, dtype)
         self.tokenizer = tokenizer
         self.dtype = dtype
+        self.kv_dtype = kv_cache_dtype_for(kv_cache_dtype, dtype)
         self.name = name
-        self.sampler = Sampler(config, dtype, layout=layout)
+        self.sampler = Sampler(config, dtype, layout=layout, kv_dtype=self.kv_dtype)
         self.source: Path | None = None  # the folder it was loaded from (tokenizer files for saving)
         self._engine: BatchEngine | None = None
 
@@ -196,6 +201,7 @@ def load(
     allow_pickle: bool = False,
     mesh: Mesh | MeshShape | str | None = None,
     download: bool = False,
+    kv_cache_dtype: str = "auto",
 ) -> LanguageModel:
     """Loads a GPT-2 checkpoint folder (Hugging Face or OpenAI layout) or a model name under ./checkpoints.
 
@@ -208,11 +214,14 @@ def load(
     receiving only its part, so a model too big for one device loads. None: one device.
     download: a name with no folder yet (a GPT-2 size such as "124M", or a Hugging Face repo id) is
     downloaded first into $MODELS_DIR or ./checkpoints, as `python3 download_model.py NAME` would.
+    kv_cache_dtype: "auto" (bf16 with bfloat16 activations, else float32), "float32" or "bfloat16": the
+    dtype the KV cache is stored in (bf16 halves its memory; gpt2jax/kv_cache.py).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+    kv_cache_dtype_for(kv_cache_dtype, DTYPES[dtype])  # a bad name fails before anything is read
     try:
         folder = resolve_checkpoint(path_or_name)
     except FileNotFoundError as e:
@@ -233,13 +242,17 @@ def load(
             config, params = load_params(folder, dtype=np.float32, allow_pickle=allow_pickle)
             params = packed.pack_params(params, pack_mode)
         act = jnp.float32 if jax.default_backend() == "cpu" else jdtype
-        return _sourced(LanguageModel(config, params, tokenizer, act, name=folder.name), folder)
+        model = LanguageModel(config, params, tokenizer, act, folder.name, kv_cache_dtype=kv_cache_dtype)
+        return _sourced(model, folder)
     config, params = load_params(folder, dtype=np.float32, allow_pickle=allow_pickle)
     if mesh is None:
         params = jax.tree.map(lambda a: jnp.asarray(a, jdtype), params)
-        return _sourced(LanguageModel(config, params, tokenizer, jdtype, name=folder.name), folder)
+        model = LanguageModel(config, params, tokenizer, jdtype, folder.name, kv_cache_dtype=kv_cache_dtype)
+        return _sourced(model, folder)
     layout = Layout(mesh if isinstance(mesh, Mesh) else make_mesh(mesh))
-    return _sourced(LanguageModel(config, params, tokenizer, jdtype, name=folder.name, layout=layout), folder)
+    return _sourced(
+        LanguageModel(config, params, tokenizer, jdtype, folder.name, layout, kv_cache_dtype), folder
+    )
 
 
 def _sourced(model: LanguageModel, folder: Path) -> LanguageModel:

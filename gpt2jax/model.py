@@ -127,7 +127,15 @@ def _vocab_blocks(V: int, lo: int = 8, hi: int = 64) -> int:
 
 
 def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes new [B, H, T, D] into cache [B, H, S, D] at per-row time offsets start [B]."""
+    """Writes new [B, H, T, D] into cache [B, H, S, D] at per-row time offsets start [B].
+
+    A bf16 cache is written through its bits (uint16): written as bf16, XLA:CPU converted the whole cache
+    to fp32 and back around each write (a full fp32 copy in the step's temporaries; benchmarks/README.md).
+    """
+    if cache.dtype == jnp.bfloat16:
+        bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
+        written = write_cache(bits(cache), bits(new.astype(cache.dtype)), start)
+        return jax.lax.bitcast_convert_type(written, jnp.bfloat16)
     if new.shape[0] == 1:
         return jax.lax.dynamic_update_slice(cache, new, (0, 0, start[0], 0))
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, start)
@@ -141,6 +149,19 @@ def exact_zero(x: jax.Array) -> jax.Array:
     """
     s = jnp.sum(x.astype(jnp.float32), axis=tuple(range(1, x.ndim)), keepdims=True)
     return jnp.where(jnp.isfinite(s), s * 0.0, 0.0)
+
+
+def upcast_after(cache: jax.Array, dtype: Any, x: jax.Array) -> jax.Array:
+    """A layer's cache [B, ...] read in `dtype`, converted only once x [B, ...] is computed.
+
+    A cache stored in a narrower dtype (gpt2jax/kv_cache.py) is converted for the attention matmuls. The
+    conversions depend on nothing computed in the step, so XLA would run every layer's at its start and
+    hold them all: a full-size copy of the cache (1.2 GB for 16 x 1,024 positions of 124M). Tied to the
+    layer's own query, one layer's is converted at a time.
+    """
+    if cache.dtype == dtype:
+        return cache
+    return cache.astype(dtype) + exact_zero(x).astype(dtype)
 
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
@@ -199,7 +220,8 @@ class Attention(nn.Module):
         k_cache, v_cache = cache  # (B, H, S, D)
         start = positions[:, 0]
         if T == 1:
-            out = attend_decode(q, k, v, k_cache.astype(self.dtype), v_cache.astype(self.dtype), start)
+            past_k, past_v = (upcast_after(c, self.dtype, q) for c in cache)
+            out = attend_decode(q, k, v, past_k, past_v, start)
             # The cache is written after every read of it: in place, touching only the new entries. Were
             # the write free to run before the reads, XLA would copy each layer's cache to keep the old one.
             zero = exact_zero(out).astype(k.dtype)

@@ -41,15 +41,22 @@ class Sampler:
     """
 
     def __init__(
-        self, config: GPT2Config, dtype: Any = jnp.float32, chunk_size: int = 16, layout: Layout | None = None
+        self,
+        config: GPT2Config,
+        dtype: Any = jnp.float32,
+        chunk_size: int = 16,
+        layout: Layout | None = None,
+        kv_dtype: Any = None,
     ) -> None:
         """layout: the params were placed by this gpt2jax.sharding.Layout (None: one device, as loaded).
+        kv_dtype: the KV cache's dtype (default: the activation dtype `dtype`).
 
         On a mesh, batches whose size divides the data axis are split over it; the KV cache is split on
         its heads over the model axis; GSPMD partitions the rest along the params.
         """
         self.config = config
         self.dtype = dtype
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.chunk_size = chunk_size
         self.layout = layout
         self.model = decode.Model(config, dtype, layout.qkv_groups if layout is not None else 1)
@@ -74,7 +81,7 @@ class Sampler:
     ) -> tuple[DecodeState, sampling.SampleOutput, PromptScores | None]:
         self.compilations += 1
         B = tokens.shape[0]
-        cache = init_cache(self.config, B, cache_len, self.dtype, self.model.qkv_groups)
+        cache = init_cache(self.config, B, cache_len, self.kv_dtype, self.model.qkv_groups)
         if self.layout is not None:
             split_rows = B % self.layout.data == 0
             cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows))

@@ -118,6 +118,7 @@ def build_engine(model: LanguageModel, settings: Settings) -> Engine:
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
         batch_invariant=settings.batch_invariant,
+        kv_cache_dtype=settings.kv_cache_dtype,
     )
 
 

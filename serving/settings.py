@@ -32,6 +32,8 @@ class Settings:
     graceful_timeout: float = 30.0  # GRACEFUL_TIMEOUT: seconds to finish in-flight requests on SIGTERM
     dtype: str = "float32"  # DTYPE: float32 or bfloat16 weights
     quantization: str | None = None  # QUANTIZATION: int8 (weight-only, gpt2jax.packed); empty: none
+    # KV_CACHE_DTYPE: auto (bf16 with bf16 activations, else float32), float32 or bfloat16 (gpt2jax/kv_cache.py)
+    kv_cache_dtype: str = "auto"
     slots: int | None = None  # SLOTS: the engine's decode slots (default: the engine's choice per device)
     chunk_size: int | None = None  # CHUNK_SIZE: decode steps per device call (default: the engine's choice)
     mesh: str = ""  # MESH: "data:4,model:2" device mesh (gpt2jax.sharding); empty: slots over all devices
@@ -70,6 +72,7 @@ class Settings:
             graceful_timeout=_float(env, "GRACEFUL_TIMEOUT", d.graceful_timeout),
             dtype=get("DTYPE") or d.dtype,
             quantization=_quantization(get("QUANTIZATION").lower()),
+            kv_cache_dtype=_kv_cache_dtype((get("KV_CACHE_DTYPE") or d.kv_cache_dtype).lower()),
             slots=_int(env, "SLOTS", 0, 1, 1 << 16) or None,
             chunk_size=_int(env, "CHUNK_SIZE", 0, 1, 1024) or None,
             mesh=_mesh(get("MESH")),
@@ -137,6 +140,13 @@ def _quantization(value: str) -> str | None:
 def _warmup(value: str) -> str:
     if value not in ("background", "all"):
         raise SettingsError(f"WARMUP={value!r}: expected background or all")
+    return value
+
+
+def _kv_cache_dtype(value: str) -> str:
+    # The names of gpt2jax/kv_cache.py, which imports JAX: these settings are read without it.
+    if value not in ("auto", "float32", "bfloat16", "fp32", "bf16"):
+        raise SettingsError(f"KV_CACHE_DTYPE={value!r}: expected auto, float32 or bfloat16")
     return value
 
 

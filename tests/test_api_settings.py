@@ -45,6 +45,7 @@ def test_every_variable(tmp_path):
         "LOG_LEVEL": "debug",
         "SLOTS": "32",
         "CHUNK_SIZE": "4",
+        "KV_CACHE_DTYPE": "BFloat16",
     }
     s = Settings.from_env(env)
     assert (
@@ -62,6 +63,8 @@ def test_every_variable(tmp_path):
         Settings.from_env({}).quantization is None
         and Settings.from_env({"QUANTIZATION": "none"}).quantization is None
     )
+    assert (s.slots, s.chunk_size, s.kv_cache_dtype) == (32, 4, "bfloat16")
+    assert Settings.from_env({}).kv_cache_dtype == "auto"
     assert (Settings.from_env({}).slots, Settings.from_env({}).chunk_size) == (None, None)  # the engine's
     assert Settings.from_env({"CORS_ORIGINS": ""}).cors_origins == ()  # set but empty: CORS off
 
@@ -77,6 +80,7 @@ def test_every_variable(tmp_path):
         ({"GRACEFUL_TIMEOUT": "-1"}, "GRACEFUL_TIMEOUT"),
         ({"CHUNK_SIZE": "0"}, "CHUNK_SIZE"),
         ({"QUANTIZATION": "int4"}, "QUANTIZATION"),
+        ({"KV_CACHE_DTYPE": "int8"}, "KV_CACHE_DTYPE"),
     ],
 )
 def test_bad_values_name_the_variable(env, needle):

@@ -40,28 +40,11 @@ from gpt2jax.config import GPT2Config
 from gpt2jax.decode import DecodeState
 from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_row_counts
-from gpt2jax.engine.slots import Prefilled, SlotRow, make_row
+from gpt2jax.engine.slots import Prefilled, SlotRow, leading, make_row, put_row
 from gpt2jax.model import KVCache, init_cache
 from gpt2jax.sharding import Layout, make_mesh
 
 AXIS = "data"
-
-
-def _window(cache: KVCache, window: int) -> KVCache:
-    return tuple((k[:, :, :window], v[:, :, :window]) for k, v in cache)
-
-
-def _leading(state: DecodeState, rows: int, window: int) -> DecodeState:
-    """The first `rows` slots of the state, their cache cut to its first `window` positions."""
-    state = jax.tree.map(lambda a: a[:rows], state)
-    return state._replace(cache=_window(state.cache, window))
-
-
-def _put_row(dst: jax.Array, src: jax.Array, at: jax.Array, mine: jax.Array) -> jax.Array:
-    """Writes src [1, ...] at row `at` of dst [S, ...] (from index 0 of the other axes) if `mine`."""
-    start = (at,) + (0,) * (dst.ndim - 1)
-    old = jax.lax.dynamic_slice(dst, start, src.shape)
-    return jax.lax.dynamic_update_slice(dst, jnp.where(mine, src.astype(dst.dtype), old), start)
 
 
 class SlotPrograms(DevicePrograms):
@@ -78,16 +61,19 @@ class SlotPrograms(DevicePrograms):
         min_window: int = 128,
         layout: Layout | None = None,
         batch_invariant: bool = False,
+        kv_dtype: Any = None,
     ) -> None:
         """params: placed by `layout` when one is given (as gpt2jax.load(..., mesh=...) does); otherwise
         checkpoint-layout params, replicated over `devices` (default: all) on the data axis.
-        batch_invariant: one decode shape, and prefill one prompt at a time (gpt2jax/engine/shapes.py)."""
+        batch_invariant: one decode shape, and prefill one prompt at a time (gpt2jax/engine/shapes.py).
+        kv_dtype: the KV cache's dtype, of the slots and of prefill (default: `dtype`)."""
         if layout is None:
             layout = Layout(make_mesh(devices=devices))
             params = layout.shard_params(params, config)
         layout.check(config, slots)
         self.config, self.dtype, self.slots, self.chunk_size = config, dtype, slots, chunk_size
         self.batch_invariant = batch_invariant
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.model = decode.Model(config, dtype, layout.qkv_groups)
         # Decode attends over a window of the cache (the first `window` positions), compiled for each
         # power of two from min_window up to n_ctx: while every live row is short, a step reads a
@@ -153,7 +139,7 @@ class SlotPrograms(DevicePrograms):
         zeros = lambda dtype: jnp.zeros((S,), dtype)
         neutral = sampling.tensors_from([sampling.NEUTRAL], V)
         sp = jax.tree.map(lambda a: jnp.broadcast_to(a, (S, *a.shape[1:])), neutral)
-        cache = init_cache(self.config, S, self.config.n_ctx, self.dtype, self.layout.qkv_groups)
+        cache = init_cache(self.config, S, self.config.n_ctx, self.kv_dtype, self.layout.qkv_groups)
         return DecodeState(
             cache=cache,
             token=zeros(jnp.int32),
@@ -176,7 +162,7 @@ class SlotPrograms(DevicePrograms):
         KV comes out as its own [1, ...] arrays, so that insert compiles once per bucket, whatever R.
         """
         R, P_ = tokens.shape
-        cache = init_cache(self.config, R, P_, self.dtype, self.layout.qkv_groups)
+        cache = init_cache(self.config, R, P_, self.kv_dtype, self.layout.qkv_groups)
         cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows=False))
         last, cache, scores = decode.prefill(params, self.model, tokens, lengths, cache, score)
         return tuple(
@@ -214,10 +200,10 @@ class SlotPrograms(DevicePrograms):
         mine = (local >= 0) & (local < local_slots)
         at = jnp.clip(local, 0, local_slots - 1)
         cache = tuple(
-            (_put_row(k, pk, at, mine), _put_row(v, pv, at, mine))
+            (put_row(k, pk, at, mine), put_row(v, pv, at, mine))
             for (k, v), (pk, pv) in zip(state.cache, kv, strict=True)
         )
-        rest = jax.tree.map(lambda d, s: _put_row(d, s, at, mine), state._replace(cache=()), row)
+        rest = jax.tree.map(lambda d, s: put_row(d, s, at, mine), state._replace(cache=()), row)
         return rest._replace(cache=cache)
 
     def _decode_local(
@@ -232,7 +218,7 @@ class SlotPrograms(DevicePrograms):
         window is dropped and their outputs are ignored).
         """
         full = state
-        state = _leading(state, rows, window)
+        state = leading(state, rows, window)
         state = state._replace(done=state.done | ~active[:rows])
 
         # Each device decodes its own rows: want_top is over them only, so there is no collective.

@@ -15,6 +15,7 @@ serving HTTP never waits on the device.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
@@ -28,8 +29,16 @@ from gpt2jax.engine.device import SlotPrograms
 from gpt2jax.engine.job import END, Job
 from gpt2jax.engine.metrics import EngineMetrics, publish, unpublish
 from gpt2jax.engine.programs import DevicePrograms
-from gpt2jax.engine.warmup import BackgroundCompile, enable_compilation_cache, split
+from gpt2jax.engine.warmup import (
+    BackgroundCompile,
+    cache_counts,
+    cache_note,
+    enable_compilation_cache,
+    release_memory,
+    split,
+)
 from gpt2jax.engine.worker import EngineFault, SlotWorker
+from gpt2jax.kv_cache import kv_cache_dtype as kv_cache_dtype_for
 from gpt2jax.sampler import MIN_BUCKET, bucket
 from gpt2jax.sharding import Layout
 from gpt2jax.tokenizer import GPT2Tokenizer
@@ -42,9 +51,12 @@ class LoadedModel(Protocol):
     params: Any
     tokenizer: GPT2Tokenizer
     dtype: Any
+    kv_dtype: Any  # the KV cache's dtype (gpt2jax.kv_cache)
     name: str
     layout: Layout | None
 
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BatchEngine", "EngineFault", "default_chunk_size", "default_slots", "enable_compilation_cache"]
 
@@ -66,7 +78,8 @@ def default_slots(config: GPT2Config, dtype: Any, devices: Sequence[jax.Device],
     """Slots for these devices: CPU_SLOTS on a CPU host, ACCELERATOR_SLOTS per accelerator, fewer if their
     KV cache would take more than KV_MEMORY_FRACTION of a device's memory; a multiple of the device count.
 
-    devices: those of the data axis; each slot's cache is split over `model_axis` devices."""
+    dtype: the KV cache's. devices: those of the data axis; each slot's cache is split over `model_axis`
+    devices."""
     n = len(devices)
     per_device = -(-CPU_SLOTS // n) if devices[0].platform == "cpu" else ACCELERATOR_SLOTS
     slot_bytes = 2 * config.n_layer * config.n_ctx * config.n_embd * jnp.dtype(dtype).itemsize // model_axis
@@ -100,6 +113,8 @@ class BatchEngine:
     were placed on (from_model passes the model's): slots split over its data axis, the model over its
     model axis; then `devices` is not used. min_window: the shortest KV-cache window that decode is
     compiled for (windows double up to n_ctx; each chunk uses the smallest that holds its live rows).
+    kv_cache_dtype: the KV cache's dtype, a name ("auto", "float32", "bfloat16") or a dtype; default
+    (None, "auto"): bf16 for bf16 activations, else `dtype` (gpt2jax/kv_cache.py). bf16 halves the cache.
     batch_invariant: every decode runs all slots over the whole context and every prefill one prompt, so
     that a request's tokens and logprobs do not depend on what runs beside it (at a cost: README, "Seeds
     and batch invariance"; gpt2jax/engine/shapes.py).
@@ -126,6 +141,7 @@ class BatchEngine:
         layout: Layout | None = None,
         batch_invariant: bool = False,
         programs: DevicePrograms | None = None,
+        kv_cache_dtype: Any = None,
     ) -> None:
         if programs is not None:
             slots, chunk_size = programs.slots, programs.chunk_size
@@ -136,15 +152,17 @@ class BatchEngine:
         self.config = config
         self.n_ctx = config.n_ctx
         self.tokenizer = tokenizer
-        self.slots = slots or default_slots(config, dtype, devices, layout.model if layout else 1)
+        self.kv_dtype = kv = kv_cache_dtype_for(kv_cache_dtype, dtype)
+        self.slots = slots or default_slots(config, kv, devices, layout.model if layout else 1)
         self.chunk_size = chunk_size or default_chunk_size(devices)
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.buckets = tuple(_powers_of_two(config.n_ctx))  # prefill lengths
         self.metrics = EngineMetrics(lambda: self.queue_length, lambda: self.busy_slots, self.slots)
         self.programs = programs or SlotPrograms(
-            config, params, dtype, self.slots, self.chunk_size, devices, min_window, layout, batch_invariant
-        )
+            config, params, dtype, self.slots, self.chunk_size, devices, min_window, layout, batch_invariant,
+            kv_dtype=kv,
+        )  # fmt: skip
         self.worker = SlotWorker(self, self.programs)
         self.compiling: BackgroundCompile | None = None  # warmup(background=True)'s thread
 
@@ -153,6 +171,7 @@ class BatchEngine:
         """An engine for a loaded LanguageModel; options as for the constructor."""
         options.setdefault("name", model.name or "gpt2")
         options.setdefault("layout", model.layout)  # a model loaded onto a mesh is served on it
+        options.setdefault("kv_cache_dtype", model.kv_dtype)
         return cls(model.config, model.params, model.tokenizer, dtype=model.dtype, **options)
 
     # ---- views ----
@@ -184,11 +203,12 @@ class BatchEngine:
         """
         chosen = self.buckets if buckets is None else sorted({bucket(b, self.n_ctx) for b in buckets})
         score = (False, True) if score_prompt else (False,)
-        if not background:
-            self.programs.compile(chosen, score)
-            return
-        now, later = split(self.programs.program_names(chosen, score))
+        names = self.programs.program_names(chosen, score)
+        now, later = split(names) if background else (names, [])
+        seen = cache_counts()
         self.programs.compile(chosen, score, only=now)
+        release_memory()  # what compiling freed
+        log.info("%s: %d programs compiled before ready (%s)", self.name, len(now), cache_note(seen))
         if later:
             self.compiling = BackgroundCompile(self.programs, chosen, score, later, self.name)
 

@@ -1,15 +1,17 @@
 """What crosses between the engine's scheduler and its device programs for one slot: the settings insert
-writes into it (SlotRow, made from a choice's SamplingParams record) and a prompt's prefill (Prefilled)."""
+writes into it (SlotRow, made from a choice's SamplingParams record) and a prompt's prefill (Prefilled);
+and how device.py's programs cut and write rows of the slot table (`leading`, `put_row`)."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax import sampling
-from gpt2jax.decode import PromptScores
+from gpt2jax.decode import DecodeState, PromptScores
 from gpt2jax.model import KVCache
 from gpt2jax.sampling_params import SamplingParams
 
@@ -41,3 +43,18 @@ def make_row(length: int, eos: int, params: SamplingParams, n_vocab: int) -> Slo
         np.bool_(bool(params.logprobs)),
         sampling.tensors_from([params], n_vocab),
     )
+
+
+def leading(state: DecodeState, rows: int, window: int) -> DecodeState:
+    """The first `rows` slots of a slot table's state, their cache cut to its first `window` positions
+    (what a decode of that many rows over that window runs on; traced inside it)."""
+    state = jax.tree.map(lambda a: a[:rows], state)
+    return state._replace(cache=tuple((k[:, :, :window], v[:, :, :window]) for k, v in state.cache))
+
+
+def put_row(dst: jax.Array, src: jax.Array, at: jax.Array, mine: jax.Array) -> jax.Array:
+    """Writes src [1, ...] at row `at` of dst [S, ...] (from index 0 of the other axes) if `mine`, cast to
+    dst's dtype (a prefill's KV into a slot of the cache; traced inside insert)."""
+    start = (at,) + (0,) * (dst.ndim - 1)
+    old = jax.lax.dynamic_slice(dst, start, src.shape)
+    return jax.lax.dynamic_update_slice(dst, jnp.where(mine, src.astype(dst.dtype), old), start)

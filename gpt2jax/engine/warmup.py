@@ -13,10 +13,13 @@ the requests beside it, once.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -77,14 +80,17 @@ class BackgroundCompile:
     def _run(self, work: Callable[[], None]) -> None:
         start = time.monotonic()
         try:
+            seen = cache_counts()
             work()
+            release_memory()
             if not self._stop.is_set():
                 took = time.monotonic() - start
                 log.info(
-                    "%s: the other %d programs compiled in the background (%.1f s)",
+                    "%s: the other %d programs compiled in the background (%.1f s; %s)",
                     self.model,
                     self.count,
                     took,
+                    cache_note(seen),
                 )
         except Exception:  # the programs still compile on first use
             log.exception("%s: compiling in the background failed", self.model)
@@ -114,4 +120,43 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     compilation_cache.reset_cache()  # re-read the settings even if something was compiled already
+    global _listening
+    if not _listening:
+        jax.monitoring.register_event_listener(_count)
+        _listening = True
     return folder
+
+
+# Programs served by the persistent compilation cache ("hits") and compiled then written to it ("misses",
+# JAX's name), counted from JAX's monitoring events once the cache is enabled.
+_CACHE_EVENTS = {
+    "/jax/compilation_cache/cache_hits": "loaded",
+    "/jax/compilation_cache/cache_misses": "compiled",
+}
+_counts: Counter = Counter()
+_listening = False
+
+
+def _count(event: str, **_: object) -> None:
+    if event in _CACHE_EVENTS:
+        _counts[_CACHE_EVENTS[event]] += 1
+
+
+def cache_counts() -> Counter:
+    """Programs loaded from / compiled and written to the persistent cache so far in this process."""
+    return Counter(_counts)
+
+
+def cache_note(since: Counter) -> str:
+    """What the compile cache did since `since` (a `cache_counts()`), for a log line."""
+    if not _listening:
+        return "no compile cache"
+    now = cache_counts()
+    return f"compile cache: {now['loaded'] - since['loaded']} loaded, {now['compiled'] - since['compiled']} compiled"
+
+
+def release_memory() -> None:
+    """Hands the heap memory that compiling freed back to the system (glibc's malloc_trim; a no-op
+    elsewhere). Compiling a 124M model's programs leaves ~100 MB of freed heap resident otherwise."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
