@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import os
 import statistics
 import subprocess
 import sys
@@ -202,7 +201,9 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 900) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+            raise RuntimeError(
+                f"{proc.args[0]} exited with {proc.returncode} (logs: {cache_root() / 'logs'})"
+            )
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as r:
                 if r.status == 200:
@@ -213,12 +214,14 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 900) -> float:
     raise TimeoutError(f"{url} not ready within {timeout} s")
 
 
-def start_ours(folder: Path, precision: str, port: int, jax_cache: str, log) -> subprocess.Popen:
-    env = {**os.environ, "MODELS": str(folder), "PORT": str(port), "HOST": "127.0.0.1", "MAX_N": "1"}
-    env |= {"LOG_LEVEL": "WARNING", "WARMUP": "all", "JAX_CACHE_DIR": jax_cache, "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+def start_ours(folder: Path, precision: str, port: int, jax_cache: str, log_path: Path) -> subprocess.Popen:
+    """`python -m serving` (benchmarks/server_process.py) with every program compiled before it is ready."""
+    from benchmarks.server_process import ServerProcess
+
+    env = {"MODELS": str(folder), "PORT": str(port), "MAX_N": "1", "LOG_LEVEL": "WARNING", "WARMUP": "all"}
+    env |= {"JAX_CACHE_DIR": jax_cache}
     env |= {"fp32": {}, "bf16": {"DTYPE": "bfloat16"}, "int8": {"QUANTIZATION": "int8"}}[precision]
-    return subprocess.Popen([sys.executable, "-m", "serving"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    return ServerProcess(env, log_path=log_path).start().proc
 
 
 def http_rows(args, tools: LlamaCpp, folder: Path, race: Race) -> list[Row]:
@@ -241,14 +244,17 @@ def http_rows(args, tools: LlamaCpp, folder: Path, race: Race) -> list[Row]:
             r.ours = UNAVAILABLE
     requests = make_requests(n, PROMPT_LEN, tokens, 50257)
     eos = gpt2_124m().eos_token_id
-    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "servers.log", "ab") as log:
+    logs = cache_root() / "logs"  # kept after the run: a server that fails says why there
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / "ours.log").unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, open(logs / "llama-server.log", "wb") as log:
         procs: dict[str, tuple[subprocess.Popen, str]] = {}
 
         def start(side: str) -> None:
             def launch() -> float:
                 port = free_port()
                 if side == "ours":
-                    proc = start_ours(folder, precision, port, str(Path(tmp) / "jax-cache"), log)
+                    proc = start_ours(folder, precision, port, str(Path(tmp) / "jax"), logs / "ours.log")
                 else:
                     cmd = tools.server_command(gguf, port, n, outtype=outtype)
                     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
