@@ -298,6 +298,14 @@ def http_rows(args, tools: LlamaCpp, folder: Path, race: Race) -> list[Row]:
     return rows
 
 
+def gpt2jax_commit() -> str:
+    """This checkout's commit, "+ changes" when the working tree differs from it."""
+    repo = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def load_gpt2jax_accepts_int8() -> bool:
     import inspect
 
@@ -341,9 +349,9 @@ def main(argv: list[str] | None = None) -> None:
             rows += decode_rows(args, tools, folder, race, 1 if part == "batch1" else 8)
 
     print(f"\ngpt2jax vs llama.cpp, GPT-2 124M shapes, random weights (seed 0), {datetime.date.today()}")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; gpt2jax at {gpt2jax_commit()}")
     print(
-        f"llama.cpp: llama-cpp-python {args.llama_cpp_python}'s vendored sources ({built}), {args.threads} threads"
+        f"llama.cpp: llama-cpp-python {args.llama_cpp_python}'s vendored sources, {tools.version()} ({built}), {args.threads} threads"
     )
     print(
         f"decode: {PROMPT_LEN}-token prompts + {args.new_tokens} new tokens, greedy; medians (min-max) of {args.runs} runs"

@@ -113,6 +113,12 @@ class LlamaCpp:
         _run(["nice", "-n", "19", "cmake", "--build", str(build), "-j", jobs, "--target", *TOOLS])
         return cls(src, build / "bin", time.monotonic() - t0, threads)
 
+    def version(self) -> str:
+        """llama-server --version's `version: N (commit)` line, e.g. "version: 1 (0c1e570)"."""
+        done = subprocess.run([str(self.bin / "llama-server"), "--version"], capture_output=True, text=True)
+        lines = [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("version:")]
+        return lines[0] if lines else "version unknown"
+
     def convert(self, hf_folder: Path, outtype: str) -> Path:
         """hf_folder converted to GGUF `outtype` (f32, f16 or q8_0) by llama.cpp's convert_hf_to_gguf.py."""
         if outtype not in OUTTYPES:
