@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import gpt2_124m, machine, random_params, wait_for_idle  # noqa: E402
-from benchmarks.llamacpp import VERSION, LlamaCpp, cache_root, ensure_n_ctx  # noqa: E402
+from benchmarks.llamacpp import TOOLS, VERSION, LlamaCpp, cache_root, ensure_n_ctx  # noqa: E402
 
 PROMPT_LEN = 32
 # our precision -> (gpt2jax.load keyword arguments, llama.cpp GGUF type)
@@ -332,7 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", type=Path, default=None, help="where the checkpoint and GGUF files are kept")
     args = ap.parse_args(argv)
 
-    tools = LlamaCpp.ensure(args.llama_cpp_python, args.threads)
+    needed = tuple(
+        t for t, part in zip(TOOLS, ("batch1", "batch8", "http"), strict=True) if part in args.only
+    )
+    tools = LlamaCpp.ensure(args.llama_cpp_python, args.threads, needed)
     built = (
         "found in the cache"
         if tools.build_seconds is None

@@ -89,12 +89,15 @@ class LlamaCpp:
     threads: int = 2
 
     @classmethod
-    def ensure(cls, version: str = VERSION, threads: int = 2, log=print) -> LlamaCpp:
-        """The cached build of `version`, building it first (5-30 min on 2 cores) if a tool is missing."""
+    def ensure(
+        cls, version: str = VERSION, threads: int = 2, needed: tuple[str, ...] = TOOLS, log=print
+    ) -> LlamaCpp:
+        """The cached build of `version`, building all TOOLS first (5-30 min on 2 cores) if one of `needed`
+        is missing."""
         home = cache_root() / "llama.cpp" / version
         src = home / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
         build = home / "build"
-        if all((build / "bin" / t).is_file() for t in TOOLS):
+        if all((build / "bin" / t).is_file() for t in needed):
             return cls(src, build / "bin", None, threads)
         t0 = time.monotonic()
         if not (src / "CMakeLists.txt").is_file():
