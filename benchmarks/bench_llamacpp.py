@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import statistics
 import subprocess
 import sys
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     folder = make_checkpoint((args.models or cache_root() / "models") / "gpt2-124m-random-seed0")
     race = Race(args.runs, args.min_idle, args.idle_timeout)
+    load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
     rows: list[Row] = []
     for part in args.only:
         print(f"{part}:", flush=True)
@@ -359,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"decode: {PROMPT_LEN}-token prompts + {args.new_tokens} new tokens, greedy; medians (min-max) of {args.runs} runs"
     )
+    load_end = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average at the start {load_start}, at the end {load_end}")
     busy = race.busy_starts
     print(
         f"{race.starts} timed runs, {len(busy)} of them started below {args.min_idle:.0%} idle after "
