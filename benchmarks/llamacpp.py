@@ -117,10 +117,14 @@ class LlamaCpp:
         return cls(src, build / "bin", time.monotonic() - t0, threads)
 
     def version(self) -> str:
-        """llama-server --version's `version: N (commit)` line, e.g. "version: 1 (0c1e570)"."""
-        done = subprocess.run([str(self.bin / "llama-server"), "--version"], capture_output=True, text=True)
-        lines = [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("version:")]
-        return lines[0] if lines else "version unknown"
+        """`--version`'s `version: N (commit)` line of a built tool that has one, e.g. "version: 1 (0c1e570)"."""
+        for tool in ("llama-server", "llama-batched-bench"):
+            if (self.bin / tool).is_file():
+                done = subprocess.run([str(self.bin / tool), "--version"], capture_output=True, text=True)
+                lines = [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("version:")]
+                if lines:
+                    return lines[0]
+        return "version unknown"
 
     def convert(self, hf_folder: Path, outtype: str) -> Path:
         """hf_folder converted to GGUF `outtype` (f32, f16 or q8_0) by llama.cpp's convert_hf_to_gguf.py."""
