@@ -358,9 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"llama.cpp: llama-cpp-python {args.llama_cpp_python}'s vendored sources, {tools.version()} ({built}), {args.threads} threads"
     )
-    print(
-        f"decode: {PROMPT_LEN}-token prompts + {args.new_tokens} new tokens, greedy; medians (min-max) of {args.runs} runs"
-    )
+    if set(args.only) - {"http"}:
+        print(
+            f"decode: {PROMPT_LEN}-token prompts + {args.new_tokens} new tokens, greedy; medians (min-max) of {args.runs} runs"
+        )
     load_end = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"load average at the start {load_start}, at the end {load_end}")
     busy = race.busy_starts
