@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: a random 124M-shaped model, and the same weights in transformers."""
+"""Shared pieces of the benchmarks: a random 124M-shaped model, the same weights in transformers, and a wait
+for an idle machine before each timed run (the machines are shared)."""
 
 from __future__ import annotations
 
@@ -75,4 +76,43 @@ def timed(fn, repeats: int = 3) -> float:
     return best
 
 
-__all__ = ["gpt2_124m", "hf_model", "jnp", "machine", "random_params", "timed"]
+def cpu_idle_fraction(sample_s: float = 0.5) -> float:
+    """The share of all CPUs' time spent idle (or waiting on I/O) over `sample_s` seconds, from /proc/stat."""
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, user..steal
+
+    idle0, total0 = read()
+    time.sleep(sample_s)
+    idle1, total1 = read()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_idle(min_idle: float = 0.9, timeout_s: float = 120, sample_s: float = 0.5) -> float:
+    """Waits until the machine is at least `min_idle` idle over one sample, or `timeout_s` has passed.
+
+    Returns the idle share of the last sample, so that a caller can report runs that started on a busy
+    machine (after a timeout) instead of silently timing them. Without /proc/stat it returns 1.0 at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            idle = cpu_idle_fraction(sample_s)
+        except OSError:
+            return 1.0
+        if idle >= min_idle or time.monotonic() >= deadline:
+            return idle
+
+
+__all__ = [
+    "cpu_idle_fraction",
+    "gpt2_124m",
+    "hf_model",
+    "jnp",
+    "machine",
+    "random_params",
+    "timed",
+    "wait_for_idle",
+]
