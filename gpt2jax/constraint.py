@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 import threading
 import time
@@ -24,6 +25,7 @@ import numpy as np
 # Limits (README, "Structured outputs"): bigger inputs or automata are refused with a ValueError (400).
 MAX_SPEC_CHARS = 16_384  # a schema's JSON, a regex, or the choices joined
 MAX_CHOICES = 256
+MAX_INTEGER_RANGE = 1024  # an integer bounded on both sides becomes an enum of at most this many values
 MAX_STATES = 4_096  # automaton states of one constraint
 MAX_TRANSITIONS = 4 * 1024 * 1024  # (state, token) -> state entries of one constraint
 CACHE_SIZE = 64  # compiled automata kept (per process, by constraint and tokenizer)
@@ -117,6 +119,7 @@ class Constraint:
                 raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, Mapping):
             raise ValueError("a JSON schema must be an object")
+        schema = bounded_integers(schema)
         return cls("json", json.dumps(schema, separators=(",", ":")))  # property order matters
 
     @classmethod
@@ -173,6 +176,39 @@ def _regex(c: Constraint) -> str:
         return build_regex_from_schema(spec)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"unsupported JSON schema: {e}") from None
+
+
+def bounded_integers(schema: Any) -> Any:
+    """The schema with every integer bounded on both sides (minimum / maximum / exclusive ones, at most
+    MAX_INTEGER_RANGE values) rewritten as the enum of its values, which outlines-core enforces (it
+    ignores numeric bounds). Other bounds are left for `check_schema` to refuse."""
+    if isinstance(schema, list):
+        return [bounded_integers(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {
+        k: v if k in ("enum", "const", "default", "examples") else bounded_integers(v)
+        for k, v in schema.items()
+    }
+    if out.get("type") != "integer":
+        return out
+    lo, hi = _integer_bounds(out)
+    if lo is None or hi is None or hi - lo + 1 > MAX_INTEGER_RANGE:
+        return out
+    bounds = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+    return {k: v for k, v in out.items() if k not in bounds} | {"enum": list(range(lo, hi + 1))}
+
+
+def _integer_bounds(schema: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """The first and last integer an integer schema's bounds allow (None: unbounded on that side)."""
+    number = lambda key: (
+        (v := schema.get(key)) is not None and not isinstance(v, bool) and isinstance(v, int | float)
+    )
+    lows = [math.ceil(schema["minimum"])] if number("minimum") else []
+    lows += [math.floor(schema["exclusiveMinimum"]) + 1] if number("exclusiveMinimum") else []
+    highs = [math.floor(schema["maximum"])] if number("maximum") else []
+    highs += [math.ceil(schema["exclusiveMaximum"]) - 1] if number("exclusiveMaximum") else []
+    return (max(lows) if lows else None), (min(highs) if highs else None)
 
 
 def check_schema(schema: Any, where: str = "schema") -> None:

@@ -60,7 +60,7 @@ def offsets(automata: Sequence[Automaton]) -> list[int]:
 
 def allowed_tokens(tables: Tables, fsm: jax.Array, n_vocab: int) -> jax.Array:
     """[B, V] bool: the tokens each row's state allows (every token for an unconstrained row)."""
-    words = tables.allowed[jnp.maximum(fsm, 0)]  # [B, W]
+    words = jnp.asarray(tables.allowed)[jnp.maximum(fsm, 0)]  # [B, W]
     v = jnp.arange(n_vocab, dtype=jnp.uint32)
     bits = (words[:, v >> 5] >> (v & 31)[None]) & 1  # [B, V]
     return (bits != 0) | (fsm < 0)[:, None]
@@ -84,6 +84,11 @@ def next_state(tables: Tables | None, fsm: jax.Array, token: jax.Array) -> jax.A
     (only reachable by a row already done) leaves the state as it was."""
     if tables is None:
         return fsm
+    tables = Tables(*map(jnp.asarray, tables))
+    return jax.lax.cond(jnp.any(fsm >= 0), _search, lambda *_: fsm, tables, fsm, token)
+
+
+def _search(tables: Tables, fsm: jax.Array, token: jax.Array) -> jax.Array:
     s = jnp.maximum(fsm, 0)
     lo, hi = tables.start[s], tables.start[s + 1]
     end = hi

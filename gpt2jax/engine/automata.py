@@ -73,6 +73,8 @@ class ResidentAutomata:
                 self._grow([*self.resident, automaton], slot)
         self.resident.append(automaton)
         self.version += 1
+        if shift is not None and not shift.any():
+            shift = None
         return Placement(self._base(automaton) + automaton.initial, shift)
 
     def _base(self, automaton: Automaton) -> int:
