@@ -11,19 +11,15 @@ from __future__ import annotations
 import enum
 import json
 import re
-from pathlib import Path
 
 import pytest
-from fake_engine import ServerThread
+import test_api_clients
 from pydantic import BaseModel, Field
 from test_api_clients import stream
 from waits import HANG
 
-from serving.loading import registry_for
-from serving.settings import Settings
-
-SHIPPED = Path(__file__).parents[1] / "checkpoints" / "pydoc-tiny"
 MODELS = ("pydoc-tiny", "rand-small")
+server = test_api_clients.server  # its module fixture: both models served on the production engine
 SEEDS = range(5)  # x n=4 choices: 20 streams per case
 PHONE = r"[0-9]{3}-[a-z]{2}"
 
@@ -38,26 +34,6 @@ class Pet(BaseModel):
     name: str = Field(max_length=12)
     age: int = Field(ge=0, le=30)
     kind: Kind
-
-
-@pytest.fixture(scope="module")
-def server(rand_small):
-    from gpt2jax.engine.engine import BatchEngine
-
-    settings = Settings(max_n=4, max_tokens=200)
-    registry = registry_for([SHIPPED, Path(rand_small)], settings)
-
-    def build(model, _settings):
-        engine = BatchEngine.from_model(model, slots=8)
-        engine.warmup = lambda: BatchEngine.warmup(engine, buckets=(16, 32))
-        return engine
-
-    srv = ServerThread(settings, registry, build).start()
-    try:
-        srv.wait_for(lambda: srv.get("/health")[0] == 200, HANG, "/health 200")
-        yield srv
-    finally:
-        assert srv.shutdown() == 0
 
 
 @pytest.fixture(scope="module")

@@ -127,10 +127,11 @@ class DeviceAutomata:
             self._tables, self._version = self._put(self.host.tables(), self._rep), self.host.version
         return self._tables
 
-    def place(self, state: Any, automaton: Automaton | None, slot: int) -> tuple[Any, int]:
-        """Makes `automaton` resident for `slot`; returns the state (shifted if automata moved, donated)
-        and the slot's initial global state (-1: unconstrained)."""
-        placed = self.host.place(automaton, slot)
-        if placed.shift is not None and placed.shift.any():
+    def place(self, state: Any, row: Any, slot: int) -> tuple[Any, Any]:
+        """Makes the slot row's automaton resident for `slot`; returns the state (shifted if automata
+        moved; donated) and the row (a SlotRow) with its first global state `fsm` set (-1: unconstrained)
+        and the host-side automaton taken out."""
+        placed = self.host.place(row.automaton, slot)
+        if placed.shift is not None:
             state = self._shift(state, self._put(placed.shift, self._by_slot))
-        return state, placed.initial
+        return state, row._replace(fsm=np.int32(placed.initial), automaton=None)

@@ -115,8 +115,7 @@ class SlotPrograms(DevicePrograms):
             cache=layout.cache_sharding(split_rows=True)
         )
         manual = frozenset({AXIS})  # shard_map is manual over "data"; "model" is left to GSPMD
-        # Structured outputs: the automata tables, replicated, an argument of first-token and decode.
-        self.automata = DeviceAutomata(config.n_vocab, slots, self.put, rep, rows, state_s)
+        self.automata = DeviceAutomata(config.n_vocab, slots, self.put, rep, rows, state_s)  # structured
 
         self._init = jax.jit(self._init_impl, out_shardings=state_s)
         self._prefill: dict[tuple[bool, int], Any] = {}  # (score, rows) -> jitted; see _prefill_program
@@ -300,11 +299,9 @@ class SlotPrograms(DevicePrograms):
         self, state: DecodeState, pre: Prefilled, slot: int, row: SlotRow
     ) -> tuple[DecodeState, sampling.SampleOutput]:
         """Puts a prefilled prompt into `slot` (donating `state`); returns the new state and the first token."""
-        state, fsm = self.automata.place(state, row.automaton, slot)  # structured outputs
+        state, row = self.automata.place(state, row, slot)  # structured outputs: the row's first state
         # Host inputs are placed explicitly so that their shardings match the warm-up's compiled programs.
-        row, slot = self.put(
-            (row._replace(fsm=np.int32(fsm), automaton=None), np.int32(slot)), self.replicated
-        )
+        row, slot = self.put((row, np.int32(slot)), self.replicated)
         row_state, first = self._first(pre.logits, row, self.automata.tables())
         state = self._insert(state, pre.cache, row_state, slot)
         if self._sync:
