@@ -21,8 +21,8 @@ import numpy as np
 from gpt2jax.constraint import Automaton
 from gpt2jax.structured import Tables, offsets, stack
 
-# Capacity buckets: the tables start at INITIAL_* (compiled at warm-up: about 6.3 MB of bitmask and
-# 16 MB of transitions for GPT-2's vocabulary) and double, up to MAX_*, as resident automata need.
+# Capacity buckets: the tables start at INITIAL_* (compiled at warm-up: 6.4 MB of bitmask and 16.8 MB of
+# transitions for GPT-2's vocabulary) and double, up to MAX_*, as resident automata need.
 INITIAL_STATES = 1024
 INITIAL_TRANSITIONS = 2 * 1024 * 1024
 MAX_STATES = 16 * 1024
@@ -45,7 +45,11 @@ class ResidentAutomata:
         self.n_vocab, self.slots = n_vocab, slots
         self.resident: list[Automaton] = []
         self.owner: list[Automaton | None] = [None] * slots  # the automaton each slot last started in
-        self.states, self.transitions = INITIAL_STATES, INITIAL_TRANSITIONS
+        # Transitions grow with the vocabulary: a small one starts with fewer (64 a token, a power of two).
+        self.states, self.transitions = (
+            INITIAL_STATES,
+            min(INITIAL_TRANSITIONS, 1 << (64 * n_vocab - 1).bit_length()),
+        )
         self.version = 0  # bumped whenever `tables()` changes
 
     def tables(self) -> Tables:

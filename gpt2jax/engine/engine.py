@@ -220,6 +220,8 @@ class BatchEngine:
         self._validate(request)
         automaton = None
         if request.params.constraint is not None and request.params.max_tokens > 0:
+            if getattr(self.programs, "multiprocess", False) or not hasattr(self.programs, "automata"):
+                raise EngineError("structured outputs are not supported on a server of several processes")
             automaton = await asyncio.to_thread(self.automaton, request.params.constraint)
         job = Job(request, self.tokenizer, self.config.eos_token_id, asyncio.get_running_loop(), automaton)
         self.worker.submit(job)
