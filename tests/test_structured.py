@@ -175,3 +175,18 @@ def test_notebook_generate_is_constrained(tiny_model):
     alone = tiny_model.generate("The", max_tokens=8, temperature=0)
     both = tiny_model.generate(["The", "The"], max_tokens=8, temperature=0, regex=None)
     assert both == alone * 2
+
+
+def test_unconstrained_request_is_bit_identical_beside_constrained_ones(tiny_model):
+    """With batch invariance, a request's tokens and logprobs are the same alone and beside a constrained
+    one: the mask and the automaton lookups touch only the constrained rows. (Rebuilds the model's engine:
+    keep this test last.)"""
+    from gpt2jax.sampling_params import SamplingParams
+
+    tiny_model.start_engine(batch_invariant=True, slots=4)
+    plain = SamplingParams(max_tokens=10, temperature=1.0, seed=4, logprobs=2)
+    alone = tiny_model.complete("The", sampling_params=plain)[0]
+    constrained = plain.replace(seed=5, constraint=Constraint("regex", r"[0-9]{3}-[a-z]{2}"))
+    both = tiny_model.complete(["The", "x"], sampling_params=[plain, constrained])
+    assert both[0].token_ids == alone.token_ids and both[0].logprobs == alone.logprobs
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", both[1].text)
