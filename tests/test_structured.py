@@ -177,6 +177,35 @@ def test_notebook_generate_is_constrained(tiny_model):
     assert both == alone * 2
 
 
+def test_a_new_schema_compiles_nothing_after_warmup(tiny_model, compiles):
+    """The tables are arguments of the compiled programs, sized at warm-up: new constraints only change
+    their contents (a request that starts a constrained row compiles no program)."""
+    from gpt2jax.engine.api import GenerationRequest
+    from gpt2jax.engine.engine import BatchEngine
+    from gpt2jax.engine.offline import run_all
+
+    engine = BatchEngine.from_model(tiny_model, slots=2)
+    engine.warmup(buckets=(16,), score_prompt=False)
+    prompt = tuple(tiny_model.tokenizer.encode("The"))
+    try:
+        run_all(engine, [GenerationRequest.of(prompt, max_tokens=3, seed=1)])  # anything run-time lazy
+        before = len(compiles)
+        constraints = [
+            Constraint("regex", "[a-c]{2}x"),
+            Constraint.of(choice=["up", "down"]),
+            Constraint("json_object"),
+        ]
+        requests = [
+            GenerationRequest.of(prompt, max_tokens=20, seed=i, constraint=c)
+            for i, c in enumerate(constraints)
+        ]
+        out = run_all(engine, requests)
+        assert re.fullmatch("[a-c]{2}x", out[0][0].text) and out[1][0].text in ("up", "down")
+        assert len(compiles) == before
+    finally:
+        engine.stop()
+
+
 def test_unconstrained_request_is_bit_identical_beside_constrained_ones(tiny_model):
     """With batch invariance, a request's tokens and logprobs are the same alone and beside a constrained
     one: the mask and the automaton lookups touch only the constrained rows. (Rebuilds the model's engine:
