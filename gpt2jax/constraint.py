@@ -285,8 +285,12 @@ def _vocabulary(tokenizer: Any) -> Any:
             return hit[1]
     tokens: dict[bytes, list[int]] = {}
     for i in range(tokenizer.vocab_size):
-        if i != tokenizer.eos_token_id:
+        if i == tokenizer.eos_token_id:
+            continue
+        try:
             tokens.setdefault(tokenizer.token_bytes(i), []).append(i)
+        except ValueError:  # an id the vocabulary skips: never allowed
+            continue
     vocabulary = Vocabulary(tokenizer.eos_token_id, tokens)
     with _lock:
         if len(_vocabularies) >= 8:
