@@ -84,7 +84,7 @@ SUPPORTED_FORMATS = ("date-time", "date", "time", "uuid", "email", "uri")
 
 @dataclasses.dataclass(frozen=True)
 class Constraint:
-    """What a constrained completion must match: kind "json" (spec: a JSON schema's canonical JSON),
+    """What a constrained completion must match: kind "json" (spec: a JSON schema as compact JSON text),
     "json_object" (any flat JSON object), "regex" (spec: the pattern, matched whole) or "choice" (one of
     `choices`, exactly). Raises ValueError for a malformed or unsupported one (message: user-facing)."""
 
