@@ -25,6 +25,10 @@ import numpy as np
 # Limits (README, "Structured outputs"): bigger inputs or automata are refused with a ValueError (400).
 MAX_SPEC_CHARS = 16_384  # a schema's JSON, a regex, or the choices joined
 MAX_CHOICES = 256
+# outlines-core's build time grows steeply with counted repetitions of a JSON string's character class
+# (GPT-2-sized vocabularies: maxLength 12 takes ~0.5 s, 16 ~8 s, 24 minutes): bounds above these are 400s.
+MAX_STRING_LENGTH = 12  # a schema's minLength / maxLength
+MAX_REPEAT = 32  # a regex's counted repetition {n} / {n,m}
 MAX_INTEGER_RANGE = 1024  # an integer bounded on both sides becomes an enum of at most this many values
 MAX_STATES = 4_096  # automaton states of one constraint
 MAX_TRANSITIONS = 4 * 1024 * 1024  # (state, token) -> state entries of one constraint
@@ -105,6 +109,11 @@ class Constraint:
                 raise ValueError(f"choice has {len(self.choices)} entries; at most {MAX_CHOICES}")
         if self.kind == "regex" and not self.spec:
             raise ValueError("regex must be a non-empty string")
+        counts = [
+            int(n) for pair in re.findall(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}", self.spec) for n in pair if n
+        ]
+        if self.kind == "regex" and any(n > MAX_REPEAT for n in counts):
+            raise ValueError(f"regex repetition counts must be at most {MAX_REPEAT}, got {max(counts)}")
         if self.kind == "json":
             check_schema(json.loads(self.spec))
         self.regex()  # a schema outlines-core rejects fails here
@@ -237,6 +246,8 @@ def _walk(s: Any, where: str, bad: list[str]) -> None:
                 _walk(sub, f"{where}.{key}[{i}]", bad)
         elif key in ("items", "additionalProperties"):
             _walk(value, f"{where}.{key}", bad)
+        elif key in ("minLength", "maxLength") and isinstance(value, int) and value > MAX_STRING_LENGTH:
+            bad.append(f"{where}.{key}={value} (at most {MAX_STRING_LENGTH})")
         elif key == "format" and value not in SUPPORTED_FORMATS:
             bad.append(f"{where}.format={value!r} (supported: {', '.join(SUPPORTED_FORMATS)})")
 

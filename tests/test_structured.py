@@ -52,6 +52,8 @@ def test_integers_bounded_on_both_sides_become_enums():
         ({"response_format": {"type": "xml"}}, "response_format type"),
         ({"regex": "a", "choice": ["b"]}, "only one"),
         ({"json_schema": "{not json"}, "not valid JSON"),
+        ({"json_schema": {"type": "string", "maxLength": 24}}, "maxLength=24"),  # would take minutes to build
+        ({"regex": "[a-z]{40}"}, "at most 32"),
     ],
 )
 def test_malformed_constraints_are_value_errors(kwargs, message):
