@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gpt2jax import sampling
+from gpt2jax import sampling, structured
 from gpt2jax.config import GPT2Config
 from gpt2jax.model import KVCache, forward, forward_last
 
@@ -34,6 +34,7 @@ class DecodeState(NamedTuple):
     want_top: jax.Array  # [B] bool, the row asked for top logprobs
     done: jax.Array  # [B] bool, finished (end-of-text, max_tokens, or released by the host)
     params: sampling.SamplingTensors  # [B] rows
+    fsm: jax.Array  # [B] i32, the row's structured-output automaton state (gpt2jax/structured.py); -1: none
 
 
 class PromptScores(NamedTuple):
@@ -88,10 +89,14 @@ def start(
     want_top: jax.Array,
     sp: sampling.SamplingTensors,
     last_position: int,
+    fsm: jax.Array | None = None,
+    tables: structured.Tables | None = None,
 ) -> tuple[DecodeState, sampling.SampleOutput]:
     """Rows' first tokens, sampled from the prefill's logits [B, V]; returns their state (cache () for
-    the caller to fill) and the sample. lengths, max_tokens, eos [B] i32, want_top [B] bool."""
+    the caller to fill) and the sample. lengths, max_tokens, eos [B] i32, want_top [B] bool; fsm [B] i32
+    the rows' initial automaton states in `tables` (default: all -1, unconstrained)."""
     B = logits.shape[0]
+    fsm = jnp.full((B,), structured.UNCONSTRAINED, jnp.int32) if fsm is None else fsm
     state = DecodeState(
         cache=(),
         token=jnp.zeros((B,), jnp.int32),
@@ -103,13 +108,21 @@ def start(
         want_top=want_top,
         done=max_tokens <= 0,
         params=sp,
+        fsm=fsm,
     )
-    out = sampling.sample(logits, state.counts, state.step, sp, jnp.any(want_top))
-    return advance(state, out, last_position), out
+    constrain = lambda x: structured.constrain(x, tables, fsm)
+    out = sampling.sample(logits, state.counts, state.step, sp, jnp.any(want_top), constrain)
+    return advance(state, out, last_position, tables), out
 
 
-def advance(state: DecodeState, out: sampling.SampleOutput, last_position: int) -> DecodeState:
-    """Records sampled tokens: each live row's token becomes its next input; rows may now be done.
+def advance(
+    state: DecodeState,
+    out: sampling.SampleOutput,
+    last_position: int,
+    tables: structured.Tables | None = None,
+) -> DecodeState:
+    """Records sampled tokens: each live row's token becomes its next input (and moves its automaton
+    state in `tables`); rows may now be done.
 
     last_position: the highest cache position a row may move to (positions are clamped there).
     """
@@ -120,15 +133,16 @@ def advance(state: DecodeState, out: sampling.SampleOutput, last_position: int) 
     done = state.done | (out.token == state.eos) | (step >= state.max_tokens)
     position = jnp.where(live, jnp.minimum(state.position + 1, last_position), state.position)
     token = jnp.where(live, out.token, state.token)
-    return state._replace(token=token, position=position, counts=counts, step=step, done=done)
+    fsm = jnp.where(live, structured.next_state(tables, state.fsm, out.token), state.fsm)
+    return state._replace(token=token, position=position, counts=counts, step=step, done=done, fsm=fsm)
 
 
 def step(
-    params: Any, model: Model, state: DecodeState, last_position: int
+    params: Any, model: Model, state: DecodeState, last_position: int, tables: structured.Tables | None = None
 ) -> tuple[DecodeState, sampling.SampleOutput]:
-    """One decode step for every row: forward the last tokens, sample, advance. The outputs' token is -1
-    for rows that were already done (finished rows sample greedily, so they never force the costlier
-    sampling branches)."""
+    """One decode step for every row: forward the last tokens, sample (within each constrained row's
+    automaton, `tables`), advance. The outputs' token is -1 for rows that were already done (finished
+    rows sample greedily, so they never force the costlier sampling branches)."""
     logits, cache = forward(
         params,
         model.config,
@@ -140,17 +154,24 @@ def step(
     )
     want_top = jnp.any(state.want_top & ~state.done)
     sp = sampling.neutral_where(state.params, state.done)
-    out = sampling.sample(logits[:, 0], state.counts, state.step, sp, want_top)
+    fsm = jnp.where(state.done, structured.UNCONSTRAINED, state.fsm)
+    constrain = lambda x: structured.constrain(x, tables, fsm)
+    out = sampling.sample(logits[:, 0], state.counts, state.step, sp, want_top, constrain)
     emitted = out._replace(token=jnp.where(state.done, -1, out.token))
-    return advance(state._replace(cache=cache), out, last_position), emitted
+    return advance(state._replace(cache=cache), out, last_position, tables), emitted
 
 
 def decode(
-    params: Any, model: Model, state: DecodeState, max_steps: int, last_position: int
+    params: Any,
+    model: Model,
+    state: DecodeState,
+    max_steps: int,
+    last_position: int,
+    tables: structured.Tables | None = None,
 ) -> tuple[jax.Array, DecodeState, sampling.SampleOutput]:
     """Up to `max_steps` decode steps, ending once every row is done; returns (steps run, final state,
     outputs stacked [max_steps, B, ...] with token -1 for rows done and for the steps not run)."""
-    return steps_until_done(lambda s: step(params, model, s, last_position), state, max_steps)
+    return steps_until_done(lambda s: step(params, model, s, last_position, tables), state, max_steps)
 
 
 def steps_until_done(

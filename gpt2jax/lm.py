@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from gpt2jax import packed, sampling
 from gpt2jax.checkpoint import load_params
 from gpt2jax.config import GPT2Config
+from gpt2jax.constraint import Constraint
 from gpt2jax.engine.api import GenerationRequest
 from gpt2jax.engine.offline import Completion, run_all
 from gpt2jax.kv_cache import kv_cache_dtype as kv_cache_dtype_for
@@ -125,8 +126,18 @@ class LanguageModel:
         **settings: Any,
     ) -> list[Completion]:
         """As `generate`, but each choice as a `Completion`: text, token ids, finish reason, and with
-        `logprobs=k` each token's logprob and top k alternatives, with `prompt_logprobs=True` the prompt's."""
+        `logprobs=k` each token's logprob and top k alternatives, with `prompt_logprobs=True` the prompt's.
+
+        Structured outputs (one for every prompt): `response_format=` OpenAI's dict ({"type":
+        "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) or a pydantic model
+        class, `json_schema=` a schema, `regex=` a pattern the whole text matches, or `choice=` a list of
+        strings (gpt2jax/constraint.py; README, "Structured outputs")."""
         prompts = [prompt_or_prompts] if isinstance(prompt_or_prompts, str) else list(prompt_or_prompts)
+        structured = {
+            k: settings.pop(k) for k in ("response_format", "regex", "choice", "json_schema") if k in settings
+        }
+        if (constraint := Constraint.of(**structured)) is not None:
+            settings["constraint"] = constraint
         if max_tokens is not None:  # else the records' own (default 16)
             settings["max_tokens"] = max_tokens
         rows = per_prompt(len(prompts), sampling_params, **settings)

@@ -7,7 +7,7 @@ thresholds are found by bisection, which costs a few passes over the logits inst
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -170,15 +170,24 @@ def row_uniforms(rng: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def sample(
-    logits: jax.Array, counts: jax.Array, step: jax.Array, params: SamplingTensors, want_top: jax.Array
+    logits: jax.Array,
+    counts: jax.Array,
+    step: jax.Array,
+    params: SamplingTensors,
+    want_top: jax.Array,
+    constrain: Callable[[jax.Array], jax.Array] | None = None,
 ) -> SampleOutput:
     """Chooses the next token of each row.
 
     logits [B, V] fp32; counts [B, V] tokens generated so far (for penalties); step [B] the index of the
     token being sampled in each row's stream; want_top: scalar bool, whether any row asked for top logprobs.
+    constrain: applied to the penalised logits [B, V] before any filtering (structured outputs set the
+    tokens a row's automaton forbids to -inf); logprobs stay those of the model's distribution.
     """
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = apply_penalties(logits, counts, params)
+    if constrain is not None:
+        x = constrain(x)
     greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     def stochastic(x):

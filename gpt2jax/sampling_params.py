@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gpt2jax.constraint import Constraint
+
 MAX_LOGPROBS = 20  # alternatives per token the device computes (sampling.NUM_TOP_LOGPROBS)
 
 
@@ -39,6 +41,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; else 0..MAX_LOGPROBS alternatives per token
     prompt_logprobs: bool = False  # also score the prompt tokens (echo with logprobs)
     ignore_eos: bool = False  # keep going after end-of-text (up to max_tokens)
+    constraint: Constraint | None = None  # structured output: JSON schema, JSON object, regex or choice
 
     def __post_init__(self) -> None:
         bias = self.logit_bias or ()
@@ -55,6 +58,10 @@ class SamplingParams:
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
                 raise ValueError(f"{name} is {value}, but it must be {bounds}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(f"constraint must be a gpt2jax.constraint.Constraint, not {self.constraint!r}")
+        if self.constraint is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be used with a structured-output constraint")
         if self.best_of is not None and self.best_of < self.n:
             raise ValueError(f"best_of ({self.best_of}) must be greater than or equal to n ({self.n})")
 

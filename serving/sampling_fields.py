@@ -23,6 +23,7 @@ from serving.fields import (
     type_name,
 )
 from serving.settings import Settings
+from serving.structured_fields import STRUCTURED_FIELDS, constraint_from
 
 MAX_STOPS = 4
 
@@ -97,6 +98,7 @@ SAMPLING_FIELDS = (
         False,
         "With stream: {include_usage: true} adds a last chunk with the usage and no choices.",
     ),
+    *STRUCTURED_FIELDS,
 )
 
 
@@ -118,7 +120,8 @@ def sampling_from(values: dict[str, Any], settings: Settings, **extra: Any) -> S
     if values["stream_options"] and not values["stream"]:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
     try:
-        params = SamplingParams.from_values({f.name: values[f.name] for f in SAMPLING_FIELDS} | extra)
+        fields = {f.name: values[f.name] for f in SAMPLING_FIELDS}
+        params = SamplingParams.from_values(fields | {"constraint": constraint_from(values)} | extra)
     except ValueError as e:  # the record's own checks; its messages start with the field's name
         raise invalid(str(e).split()[0], str(e)) from None
     return Sampling(params, values["user"], values["stream"], values["stream_options"])

@@ -33,8 +33,9 @@ SENT = {
     "best_of": (3, 3),
     "logprobs": (2, 2),
 }
-# Fields the HTTP API sets from other fields (echo + logprobs) or does not offer.
-NOT_SENT = {"prompt_logprobs", "ignore_eos"}
+# Fields the HTTP API sets from other fields (echo + logprobs; response_format / structured_outputs, walked
+# in tests/test_api_structured.py) or does not offer.
+NOT_SENT = {"prompt_logprobs", "ignore_eos", "constraint"}
 
 
 def test_the_walk_covers_every_field():

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from gpt2jax import decode, sampling
 from gpt2jax.config import GPT2Config
 from gpt2jax.decode import DecodeState
+from gpt2jax.engine.automata import DeviceAutomata
 from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_row_counts
 from gpt2jax.engine.slots import Prefilled, SlotRow, leading, make_row, put_row
@@ -100,10 +101,11 @@ class SlotPrograms(DevicePrograms):
             cache=layout.cache_sharding(split_rows=True)
         )
         manual = frozenset({AXIS})  # shard_map is manual over "data"; "model" is left to GSPMD
+        self.automata = DeviceAutomata(config.n_vocab, slots, self.put, rep, rows, state_s)  # structured
 
         self._init = jax.jit(self._init_impl, out_shardings=state_s)
         self._prefill: dict[tuple[bool, int], Any] = {}  # (score, rows) -> jitted; see _prefill_program
-        self._first = jax.jit(self._first_impl, in_shardings=(rep, rep), out_shardings=rep)
+        self._first = jax.jit(self._first_impl, in_shardings=(rep, rep, rep), out_shardings=rep)
         insert = jax.shard_map(
             self._insert_local,
             mesh=self.mesh,
@@ -120,14 +122,14 @@ class SlotPrograms(DevicePrograms):
                 program = jax.shard_map(
                     partial(self._decode_local, window=window, rows=n),
                     mesh=self.mesh,
-                    in_specs=(P(), P(AXIS), P(AXIS)),
+                    in_specs=(P(), P(AXIS), P(AXIS), P()),
                     out_specs=(P(AXIS), P(None, AXIS)),
                     axis_names=manual,
                     check_vma=False,  # sampling's lax.conds mix per-device and constant values
                 )
                 self._decode[window, n] = jax.jit(
                     program,
-                    in_shardings=(params_s, state_s, rows),
+                    in_shardings=(params_s, state_s, rows, rep),
                     out_shardings=(state_s, steps),
                     donate_argnums=1,
                 )
@@ -151,6 +153,7 @@ class SlotPrograms(DevicePrograms):
             want_top=zeros(jnp.bool_),
             done=jnp.ones((S,), jnp.bool_),
             params=sp,
+            fsm=jnp.full((S,), -1, jnp.int32),
         )
 
     def _prefill_impl(
@@ -174,7 +177,7 @@ class SlotPrograms(DevicePrograms):
             for r in range(R)
         )
 
-    def _first_impl(self, logits: jax.Array, row: SlotRow) -> tuple[DecodeState, sampling.SampleOutput]:
+    def _first_impl(self, logits: jax.Array, row: SlotRow, tables: Any) -> tuple[DecodeState, Any]:
         """A slot's first token, sampled exactly as the notebook Sampler samples after its prefill.
 
         Returns the slot's row of state (without KV) and the sample. Kept out of insert so that the
@@ -189,6 +192,8 @@ class SlotPrograms(DevicePrograms):
             one(row.want_top),
             row.params,
             self.config.n_ctx - 1,
+            one(row.fsm),
+            tables,
         )
 
     def _insert_local(
@@ -207,7 +212,7 @@ class SlotPrograms(DevicePrograms):
         return rest._replace(cache=cache)
 
     def _decode_local(
-        self, params: Any, state: DecodeState, active: jax.Array, window: int, rows: int
+        self, params: Any, state: DecodeState, active: jax.Array, tables: Any, window: int, rows: int
     ) -> tuple[DecodeState, sampling.SampleOutput]:
         """Up to `chunk_size` steps for this device's first `rows` slots (the others are left as they
         are); per-step outputs [chunk, rows], token -1 when done.
@@ -222,7 +227,8 @@ class SlotPrograms(DevicePrograms):
         state = state._replace(done=state.done | ~active[:rows])
 
         # Each device decodes its own rows: want_top is over them only, so there is no collective.
-        _, state, outs = decode.decode(params, self.model, state, self.chunk_size, self.config.n_ctx - 1)
+        last = self.config.n_ctx - 1
+        _, state, outs = decode.decode(params, self.model, state, self.chunk_size, last, tables)
         if rows < full.token.shape[0] or window < self.config.n_ctx:  # written back in place (donated)
             state = jax.tree.map(
                 lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim), full, state
@@ -279,9 +285,10 @@ class SlotPrograms(DevicePrograms):
         self, state: DecodeState, pre: Prefilled, slot: int, row: SlotRow
     ) -> tuple[DecodeState, sampling.SampleOutput]:
         """Puts a prefilled prompt into `slot` (donating `state`); returns the new state and the first token."""
+        state, row = self.automata.place(state, row, slot)  # structured outputs: the row's first state
         # Host inputs are placed explicitly so that their shardings match the warm-up's compiled programs.
         row, slot = self.put((row, np.int32(slot)), self.replicated)
-        row_state, first = self._first(pre.logits, row)
+        row_state, first = self._first(pre.logits, row, self.automata.tables())
         state = self._insert(state, pre.cache, row_state, slot)
         if self._sync:
             jax.block_until_ready(state)
@@ -315,7 +322,7 @@ class SlotPrograms(DevicePrograms):
         window: a compiled window (see `window_for`) above every position a live row reaches in the chunk.
         """
         program = self._decode[window or self.windows[-1], rows or self.local_slots]
-        return program(self.params, state, self.put(active, self.by_slot))
+        return program(self.params, state, self.put(active, self.by_slot), self.automata.tables())
 
     def program_names(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> list[tuple]:
         """What `compile` compiles for these prefill buckets: ("init",), ("first",) (first-token sampling),
@@ -356,14 +363,15 @@ class SlotPrograms(DevicePrograms):
         row, params = like(row, rep), like(self.params, self.layout.param_shardings(self.params))
         state = like(jax.eval_shape(self._init_impl), self.state_shardings)
         logits = like(jax.ShapeDtypeStruct((self.config.n_vocab,), jnp.float32), rep)
-        row_state = cache(lambda: like(jax.eval_shape(self._first, logits, row)[0], rep))
+        tables = like(self.automata.host.empty(), rep)
+        row_state = cache(lambda: like(jax.eval_shape(self._first, logits, row, tables)[0], rep))
 
         def lower(name: tuple) -> Any:
             kind, *key = name
             if kind == "init":
                 return self._init.lower()
             if kind == "first":
-                return self._first.lower(logits, row)
+                return self._first.lower(logits, row, tables)
             if kind == "prefill":
                 bucket, s, R = key
                 return self._prefill_program(s, R).lower(params, ints(R, bucket), ints(R))
@@ -372,7 +380,7 @@ class SlotPrograms(DevicePrograms):
                 kv = like(pre.cache, self.kv_sharding)
                 return self._insert.lower(state, kv, row_state(), like(np.int32(0), rep))
             active = like(np.zeros(self.slots, bool), self.by_slot)
-            return self._decode[tuple(key)].lower(params, state, active)
+            return self._decode[tuple(key)].lower(params, state, active, tables)
 
         names = self.program_names(buckets, score) if only is None else only
         threads = threads or os.cpu_count() or 1

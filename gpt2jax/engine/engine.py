@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2jax.config import GPT2Config
+from gpt2jax.constraint import Automaton, Constraint, compile_automaton
 from gpt2jax.engine.api import EngineError, Event, GenerationRequest
 from gpt2jax.engine.device import SlotPrograms
 from gpt2jax.engine.job import END, Job
@@ -237,7 +238,12 @@ class BatchEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Streams the request's events (see engine_api.Engine.generate)."""
         self._validate(request)
-        job = Job(request, self.tokenizer, self.config.eos_token_id, asyncio.get_running_loop())
+        automaton = None
+        if request.params.constraint is not None and request.params.max_tokens > 0:
+            if getattr(self.programs, "multiprocess", False) or not hasattr(self.programs, "automata"):
+                raise EngineError("structured outputs are not supported on a server of several processes")
+            automaton = await asyncio.to_thread(self.automaton, request.params.constraint)
+        job = Job(request, self.tokenizer, self.config.eos_token_id, asyncio.get_running_loop(), automaton)
         self.worker.submit(job)
         if not self.running:
             self.start()
@@ -253,6 +259,14 @@ class BatchEngine:
         finally:
             if not job.done:  # closed early or cancelled: the worker frees the slots at the next chunk
                 self.worker.cancel(job)
+
+    def automaton(self, constraint: Constraint) -> Automaton:
+        """The constraint's automaton over this model's vocabulary (compiled once, then cached);
+        EngineError (a 400) if outlines-core cannot compile it or it is over the limits."""
+        try:
+            return compile_automaton(constraint, self.tokenizer, self.config.n_vocab)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
 
     def _validate(self, r: GenerationRequest) -> None:
         if not r.prompt:

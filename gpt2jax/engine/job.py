@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from gpt2jax.constraint import Automaton
 from gpt2jax.engine.api import Event, GenerationRequest, TokenLogprob
 from gpt2jax.engine.choice import choice_for
 from gpt2jax.tokenizer import GPT2Tokenizer
@@ -22,9 +23,15 @@ class Job:
     """A request's choices, its delivery queue and its lifecycle flags."""
 
     def __init__(
-        self, request: GenerationRequest, tokenizer: GPT2Tokenizer, eos: int, loop: asyncio.AbstractEventLoop
+        self,
+        request: GenerationRequest,
+        tokenizer: GPT2Tokenizer,
+        eos: int,
+        loop: asyncio.AbstractEventLoop,
+        automaton: Automaton | None = None,
     ) -> None:
         self.request = request
+        self.automaton = automaton  # request.params.constraint compiled (gpt2jax/constraint.py), or None
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.submitted = time.monotonic()

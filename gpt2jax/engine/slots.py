@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax import sampling
+from gpt2jax.constraint import Automaton
 from gpt2jax.decode import DecodeState, PromptScores
 from gpt2jax.model import KVCache
 from gpt2jax.sampling_params import SamplingParams
@@ -24,6 +25,8 @@ class SlotRow(NamedTuple):
     eos: np.ndarray  # [] i32, -1 for none
     want_top: np.ndarray  # [] bool
     params: sampling.SamplingTensors  # one row each
+    fsm: np.ndarray = np.int32(-1)  # [] i32, the row's first automaton state; set by insert from:
+    automaton: Automaton | None = None  # the choice's structured-output automaton (host side)
 
 
 class Prefilled(NamedTuple):
@@ -34,14 +37,18 @@ class Prefilled(NamedTuple):
     scores: PromptScores | None  # [1, P] prompt logprobs when asked for
 
 
-def make_row(length: int, eos: int, params: SamplingParams, n_vocab: int) -> SlotRow:
-    """Host-side builder of one slot's settings: a choice's record (its own seed already derived)."""
+def make_row(
+    length: int, eos: int, params: SamplingParams, n_vocab: int, automaton: Automaton | None = None
+) -> SlotRow:
+    """Host-side builder of one slot's settings: a choice's record (its own seed already derived) and
+    its compiled constraint, if any."""
     return SlotRow(
         np.int32(length),
         np.int32(params.max_tokens),
         np.int32(eos),
         np.bool_(bool(params.logprobs)),
         sampling.tensors_from([params], n_vocab),
+        automaton=automaton,
     )
 
 

@@ -255,7 +255,11 @@ class SlotWorker:
             self.busy += 1
             self._reach[slot], self._limit[slot] = len(r.prompt), len(r.prompt) + p.max_tokens
             row = make_row(
-                len(r.prompt), eos, p.replace(seed=derive_seed(seed, choice.index)), config.n_vocab
+                len(r.prompt),
+                eos,
+                p.replace(seed=derive_seed(seed, choice.index)),
+                config.n_vocab,
+                job.automaton,
             )
             self._state, first = self.programs.insert(self._state, pre, slot, row)
             _copy_to_host_async(first)

@@ -64,12 +64,6 @@ def _unsupported(value: Any, name: str) -> Any:
     return None
 
 
-def _response_format(value: Any, name: str) -> Any:
-    if not isinstance(value, dict) or value.get("type") != "text":
-        raise invalid(name, f'{name}: only {{"type": "text"}} is supported by GPT-2')
-    return value
-
-
 _MESSAGES_SCHEMA = {
     "type": "array",
     "minItems": 1,
@@ -100,7 +94,6 @@ CHAT_FIELDS = (
     integer("top_logprobs", None, "With logprobs: this many alternatives per token (0..20).", 0),
     Field("tools", _ANY, _unsupported, None, "Not supported (a non-empty value is a 400)."),
     Field("functions", _ANY, _unsupported, None, "Not supported (a non-empty value is a 400)."),
-    Field("response_format", _ANY, _response_format, None, 'Only {"type": "text"}.'),
 )
 
 
