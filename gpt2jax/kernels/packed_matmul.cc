@@ -32,10 +32,20 @@ inline void Widen(const int8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
 }
 
+// bf16 is the top half of an f32: interleaving zeros below each value widens it in one op per 8 values,
+// but within 128-bit lanes, so lo holds columns 0-3, 8-11 and hi 4-7, 12-15 (`Unshuffle` puts them back).
 inline void Widen(const uint16_t* p, __m256& lo, __m256& hi) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
-  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+}
+
+inline void Unshuffle(const int8_t*, __m256&, __m256&) {}
+
+inline void Unshuffle(const uint16_t*, __m256& lo, __m256& hi) {
+  __m256 a = _mm256_permute2f128_ps(lo, hi, 0x20), b = _mm256_permute2f128_ps(lo, hi, 0x31);
+  lo = a;
+  hi = b;
 }
 
 // R rows of x against TT consecutive tiles starting at w. Every output is summed over k in order, one FMA
@@ -69,6 +79,7 @@ void Block(const float* x, int64_t K, const W* w, const float* scale, float* y, 
     __m256 s0 = _mm256_loadu_ps(scale + t * kLanes), s1 = _mm256_loadu_ps(scale + t * kLanes + 8);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
+      Unshuffle(w, acc[r][t][0], acc[r][t][1]);
       _mm256_store_ps(out[r][t], _mm256_mul_ps(acc[r][t][0], s0));
       _mm256_store_ps(out[r][t] + 8, _mm256_mul_ps(acc[r][t][1], s1));
     }
