@@ -115,6 +115,7 @@ def test_a_bf16_cache_is_not_copied_whole_in_fp32_by_a_decode_step():
     )
     active = programs.put(np.ones(slots, bool), programs.by_slot)
     program = programs._decode[config.n_ctx, slots]
-    compiled = program.lower(programs.params, programs.init_state(), active).compile()
+    tables = programs.automata.tables()  # structured outputs' tables: empty here
+    compiled = program.lower(programs.params, programs.init_state(), active, tables).compile()
     fp32_cache = 2 * config.n_layer * slots * config.n_ctx * config.n_embd * 4
     assert compiled.memory_analysis().temp_size_in_bytes < fp32_cache
