@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         states = {}
         for name, p in programs.items():
             state = live_state(p, min(window, config.n_ctx) // 2)
-            compiled = p._decode[window, rows].lower(p.params, state, p.put(active, p.by_slot)).compile()
+            placed = p.put(active, p.by_slot)
+            compiled = p._decode[window, rows].lower(p.params, state, placed, p.automata.tables()).compile()
             temp[name] = compiled.memory_analysis().temp_size_in_bytes
             state, out = p.decode(state, active, window, rows)  # the first call: not timed
             jax.block_until_ready(out)

@@ -79,7 +79,8 @@ def engine_results(lm: gpt2jax.LanguageModel) -> tuple[list, dict]:
         engine.stop()
     p = engine.programs
     active = p.put(np.ones(p.slots, bool), p.by_slot)
-    hlo = p._decode[p.windows[-1], p.local_slots].lower(p.params, p.init_state(), active).compile().as_text()
+    program = p._decode[p.windows[-1], p.local_slots]
+    hlo = program.lower(p.params, p.init_state(), active, p.automata.tables()).compile().as_text()
     ops = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
     return results, {op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in ops}
 
