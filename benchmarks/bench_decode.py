@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     config = gpt2_124m()
     params = random_params(config)
     params_dev = jax.device_put(params)
+    params_f32 = packed.pack_params(params, "float32")
     params_bf16 = packed.pack_params(params, "bfloat16")
     params_int8 = packed.pack_params(params, "int8")
     model = hf_model(config, params)
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         runs = {
             "HF transformers generate (PyTorch, KV cache)": hf_run(model, config, batch, args.new_tokens),
             "gpt2jax Sampler, fp32": gpt2jax_run(config, params_dev, jnp.float32, batch, args.new_tokens),
+            "gpt2jax Sampler, fp32 weights (packed)": gpt2jax_run(
+                config, params_f32, jnp.float32, batch, args.new_tokens
+            ),
             "gpt2jax Sampler, bf16 weights (packed)": gpt2jax_run(
                 config, params_bf16, jnp.float32, batch, args.new_tokens
             ),

@@ -29,10 +29,12 @@ LANES = 16  # columns per packed tile; fixed by the kernel
 TARGETS = {
     jnp.dtype(jnp.int8): "gpt2jax_packed_matmul_s8",
     jnp.dtype(jnp.bfloat16): "gpt2jax_packed_matmul_bf16",
+    jnp.dtype(jnp.float32): "gpt2jax_packed_matmul_f32",
 }
 _SYMBOLS = {
     "gpt2jax_packed_matmul_s8": "Gpt2jaxPackedMatmulS8",
     "gpt2jax_packed_matmul_bf16": "Gpt2jaxPackedMatmulBF16",
+    "gpt2jax_packed_matmul_f32": "Gpt2jaxPackedMatmulF32",
 }
 
 

@@ -38,6 +38,14 @@ def _on_cpu(mesh: object) -> bool:
     return mesh is None and jax.default_backend() == "cpu"
 
 
+def _cpu_pack_mode(dtype: Any) -> str | None:
+    """How a model of `dtype` is packed on the CPU: bf16 always (XLA has no fast bf16 decode path), fp32
+    when the kernel is built (it is faster than XLA's dot at every row count measured)."""
+    if dtype == jnp.bfloat16:
+        return "bfloat16"
+    return "float32" if packed.use_kernel() else None
+
+
 def models_root(models_dir: str | os.PathLike | None = None) -> Path:
     """Where model names live: `models_dir`, else $MODELS_DIR, else ./checkpoints."""
     return Path(models_dir or os.environ.get("MODELS_DIR", "checkpoints"))
@@ -217,7 +225,8 @@ def load(
     """Loads a GPT-2 checkpoint folder (Hugging Face or OpenAI layout) or a model name under ./checkpoints.
 
     dtype: "float32" (default, exact) or "bfloat16": half the bytes per weight. On the CPU the weights are
-    packed for gpt2jax.packed's kernel and activations stay f32; elsewhere activations are bf16 too.
+    packed for gpt2jax.packed's kernel (fp32 too, when the kernel could be built) and activations stay
+    f32; elsewhere activations are bf16 too.
     quantization: None, or "int8": weight-only int8 with a scale per output channel (gpt2jax.packed);
     activations in `dtype`. A folder saved by `save_quantized` loads as int8 without re-quantising.
     mesh: spread the model over devices (gpt2jax.sharding): a Mesh, or a shape such as "model:4" or
@@ -243,7 +252,7 @@ def load(
         folder = fetch(str(path_or_name), dest_root=models_root())
     jdtype = DTYPES[dtype]
     tokenizer = GPT2Tokenizer.from_dir(folder)
-    pack_mode = "int8" if quantization else "bfloat16" if jdtype == jnp.bfloat16 and _on_cpu(mesh) else None
+    pack_mode = "int8" if quantization else _cpu_pack_mode(jdtype) if _on_cpu(mesh) else None
     if is_quantized_folder(folder) or pack_mode is not None:
         if mesh is not None:
             raise ValueError("packed or int8 weights run on one device: load them without a mesh")

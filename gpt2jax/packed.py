@@ -1,13 +1,14 @@
 """Packed 16-bit and int8 weights: storage, quantisation, and the matmul that reads them.
 
 A `PackedWeight` holds a [K, N] matrix as tiles data [T, K, 16] (T = ceil(N / 16), zero-padded columns)
-in bfloat16 or int8, with one f32 scale per output column (ones for bf16). int8 is weight-only,
+in float32, bfloat16 or int8, with one f32 scale per output column (ones unless int8). int8 is weight-only,
 symmetric, per output channel: scale[j] = max_k |W[k, j]| / 127, data = round(W / scale). Activations
 stay f32. The tied embedding `wte` [V, E] is packed as its transpose [E, V], so the vocabulary projection
 is a plain packed matmul and a token's embedding is one packed column (with a per-token scale).
 
-On the CPU a decode-sized product (<= KERNEL_MAX_ROWS rows) runs in gpt2jax.cpu_kernels; anything else
-(prefill, other backends) widens the tiles in XLA and uses its dot.
+On the CPU every product runs in gpt2jax.cpu_kernels (decode steps and prefill alike: at 64 rows and more it
+keeps up with XLA's fp32 GEMM, while widening the tiles in XLA costs twice that; benchmarks/README.md,
+"Packed weights"). Other backends, or a CPU without the kernel, widen the tiles in XLA and use its dot.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from flax import struct
 from gpt2jax import cpu_kernels
 
 LANES = cpu_kernels.LANES
-KERNEL_MAX_ROWS = 64  # above this a product is compute-bound: XLA's GEMM is faster than the kernel
-MODES = ("bfloat16", "int8")
+MODES = ("float32", "bfloat16", "int8")
 # Params packed by `pack_params`: every Conv1D weight and the tied embedding.
 PACKED_LAYERS = ("c_attn", "c_fc", "c_proj")
 
@@ -50,7 +50,7 @@ class PackedWeight:
 
 
 def pack(w: np.ndarray, mode: str) -> PackedWeight:
-    """Packs a [K, N] float matrix (host numpy) in `mode` ("bfloat16" or "int8"). Raises ValueError."""
+    """Packs a [K, N] float matrix (host numpy) in `mode` (one of MODES). Raises ValueError."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     w = np.asarray(w, np.float32)
@@ -63,7 +63,7 @@ def pack(w: np.ndarray, mode: str) -> PackedWeight:
         data = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     else:
         scale = np.ones(T * LANES, np.float32)
-        data = w.astype(jnp.bfloat16)
+        data = w.astype(mode)
     tiles = np.ascontiguousarray(data.reshape(K, T, LANES).transpose(1, 0, 2))
     return PackedWeight(jnp.asarray(tiles), jnp.asarray(scale), N)
 
@@ -108,12 +108,17 @@ def is_packed(params: Any) -> bool:
     return isinstance(params.get("wte") if isinstance(params, dict) else None, PackedWeight)
 
 
+def use_kernel() -> bool:
+    """Whether packed products run in the CPU kernel: the default backend is the CPU and it is built."""
+    return jax.default_backend() == "cpu" and cpu_kernels.available()
+
+
 def matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     """x [..., K] @ W [K, N] -> [..., N] f32."""
     K, N = w.shape
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, K).astype(jnp.float32)
-    if rows <= KERNEL_MAX_ROWS and jax.default_backend() == "cpu" and cpu_kernels.available():
+    if use_kernel():
         y = cpu_kernels.packed_matmul(x2, w.data, w.scale, N)
     else:
         T = w.data.shape[0]

@@ -28,7 +28,7 @@ def _xla_matmul(x, w):
 
 
 @pytest.mark.parametrize("mode", packed.MODES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 64, 65])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 65])
 def test_matmul_matches_xla(kernel, mode, rows):
     # K odd and N not a multiple of the 16-column tile: the kernel's k-tail and the last partial tile.
     rng = np.random.default_rng(rows)
@@ -39,11 +39,14 @@ def test_matmul_matches_xla(kernel, mode, rows):
     np.testing.assert_allclose(np.asarray(got), np.asarray(_xla_matmul(x, w)), rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_runs_for_decode_rows_only(kernel):
+def test_cpu_products_run_in_the_kernel(kernel, monkeypatch):
     w = packed.pack(np.ones((32, 32), np.float32), "int8")
-    hlo = lambda rows: jax.jit(packed.matmul).lower(jnp.ones((rows, 32)), w).as_text()
-    assert cpu_kernels.TARGETS[jnp.dtype(jnp.int8)] in hlo(packed.KERNEL_MAX_ROWS)
-    assert cpu_kernels.TARGETS[jnp.dtype(jnp.int8)] not in hlo(packed.KERNEL_MAX_ROWS + 1)
+    # A new function each time: jit's trace cache would otherwise keep the first lowering.
+    hlo = lambda rows: jax.jit(lambda x, w: packed.matmul(x, w)).lower(jnp.ones((rows, 32)), w).as_text()
+    target = cpu_kernels.TARGETS[jnp.dtype(jnp.int8)]
+    assert target in hlo(1) and target in hlo(512)  # decode steps and prefill alike
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert target not in hlo(1)  # without the kernel, XLA widens the tiles
 
 
 def test_int8_quantisation_error_is_bounded():

@@ -40,7 +40,13 @@ inline void Widen(const uint16_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
 }
 
+inline void Widen(const float* p, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(p);
+  hi = _mm256_loadu_ps(p + 8);
+}
+
 inline void Unshuffle(const int8_t*, __m256&, __m256&) {}
+inline void Unshuffle(const float*, __m256&, __m256&) {}
 
 inline void Unshuffle(const uint16_t*, __m256& lo, __m256& hi) {
   __m256 a = _mm256_permute2f128_ps(lo, hi, 0x20), b = _mm256_permute2f128_ps(lo, hi, 0x31);
@@ -57,18 +63,35 @@ void Block(const float* x, int64_t K, const W* w, const float* scale, float* y, 
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) acc[r][t][0] = acc[r][t][1] = _mm256_setzero_ps();
+  // Whichever of the rows' broadcasts and the tiles' widened values are fewer are held in registers for
+  // the k step (with 6 rows and 12 accumulators, holding 6 broadcasts would spill).
   for (int64_t k = 0; k < K; ++k) {
-    __m256 xb[R];
+    if constexpr (R > TT) {
+      __m256 lo[TT], hi[TT];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(x + r * K + k);
-#pragma GCC unroll 8
-    for (int t = 0; t < TT; ++t) {
-      __m256 lo, hi;
-      Widen(w + (t * K + k) * kLanes, lo, hi);
+      for (int t = 0; t < TT; ++t) Widen(w + (t * K + k) * kLanes, lo[t], hi[t]);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        acc[r][t][0] = _mm256_fmadd_ps(xb[r], lo, acc[r][t][0]);
-        acc[r][t][1] = _mm256_fmadd_ps(xb[r], hi, acc[r][t][1]);
+        __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+#pragma GCC unroll 8
+        for (int t = 0; t < TT; ++t) {
+          acc[r][t][0] = _mm256_fmadd_ps(xb, lo[t], acc[r][t][0]);
+          acc[r][t][1] = _mm256_fmadd_ps(xb, hi[t], acc[r][t][1]);
+        }
+      }
+    } else {
+      __m256 xb[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(x + r * K + k);
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        __m256 lo, hi;
+        Widen(w + (t * K + k) * kLanes, lo, hi);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          acc[r][t][0] = _mm256_fmadd_ps(xb[r], lo, acc[r][t][0]);
+          acc[r][t][1] = _mm256_fmadd_ps(xb[r], hi, acc[r][t][1]);
+        }
       }
     }
   }
@@ -90,16 +113,19 @@ void Block(const float* x, int64_t K, const W* w, const float* scale, float* y, 
   }
 }
 
-// Tiles [t0, t1) for all M rows: 4 rows a tile at a time (the tile stays in L1 across row blocks), the
-// last 1-3 rows against 2 or 4 tiles at once so that 8 accumulators hide the FMA latency.
+// Tiles [t0, t1) for all M rows: 6 rows a tile at a time (12 accumulators, BLIS's 6x16 shape for AVX2; the
+// tile stays in cache across row blocks), then 4, then the last 1-3 rows against 2 or 4 tiles at once so
+// that 8 accumulators hide the FMA latency.
 template <typename W>
 void Tiles(const float* x, int64_t M, int64_t K, const W* w, const float* scale, float* y, int64_t N,
            int64_t t0, int64_t t1) {
   const int64_t tile = K * kLanes;
-  int64_t m4 = M / 4 * 4;
-  for (int64_t t = t0; t < t1; ++t)
-    for (int64_t m = 0; m < m4; m += 4)
-      Block<4, 1>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+  int64_t m6 = M / 6 * 6, m4 = m6 + (M - m6) / 4 * 4;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t m = 0; m < m6; m += 6)
+      Block<6, 1>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+    if (m4 > m6) Block<4, 1>(x + m6 * K, K, w + t * tile, scale + t * kLanes, y + m6 * N, N, t * kLanes);
+  }
   int64_t m = m4;
   if (M - m >= 2) {
     int64_t t = t0;
@@ -117,6 +143,7 @@ void Tiles(const float* x, int64_t M, int64_t K, const W* w, const float* scale,
 }
 #else
 inline float ToFloat(int8_t v) { return static_cast<float>(v); }
+inline float ToFloat(float v) { return v; }
 inline float ToFloat(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
@@ -203,5 +230,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gpt2jaxPackedMatmulBF16, (Impl<ffi::BF16, uint16_t
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gpt2jaxPackedMatmulF32, (Impl<ffi::F32, float>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
