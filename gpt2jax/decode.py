@@ -110,7 +110,7 @@ def start(
         params=sp,
         fsm=fsm,
     )
-    constrain = lambda x: structured.constrain(x, tables, fsm)
+    constrain = lambda x: structured.constrain(x, tables, fsm, max_tokens)  # budget: all of max_tokens
     out = sampling.sample(logits, state.counts, state.step, sp, jnp.any(want_top), constrain)
     return advance(state, out, last_position, tables), out
 
@@ -155,7 +155,7 @@ def step(
     want_top = jnp.any(state.want_top & ~state.done)
     sp = sampling.neutral_where(state.params, state.done)
     fsm = jnp.where(state.done, structured.UNCONSTRAINED, state.fsm)
-    constrain = lambda x: structured.constrain(x, tables, fsm)
+    constrain = lambda x: structured.constrain(x, tables, fsm, state.max_tokens - state.step)
     out = sampling.sample(logits[:, 0], state.counts, state.step, sp, want_top, constrain)
     emitted = out._replace(token=jnp.where(state.done, -1, out.token))
     return advance(state._replace(cache=cache), out, last_position, tables), emitted

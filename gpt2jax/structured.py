@@ -1,14 +1,17 @@
 """Structured outputs on the device: automaton tables shared by every row, and the two per-row lookups
 the decode loop makes (the tokens a row's state allows before sampling, the state after the sampled token).
 
+A row whose budget (max_tokens - tokens generated) runs short samples only its state's closing tokens
+(gpt2jax/closing.py), so that it ends valid, with its end-of-text, before max_tokens.
+
 Each row of the decode state carries `fsm` [B] i32: a state id into the stacked tables, or -1 for an
 unconstrained row. The tables hold every resident automaton (gpt2jax/constraint.py's Automaton, states
 renumbered by an offset: gpt2jax/engine/automata.py places them) and are passed to the jitted programs as
 arguments, padded to capacity buckets: a new schema changes their contents, not the compiled program.
 
-Bytes: the allowed-token bitmask is [states, ceil(V / 32)] uint32 (6,284 bytes a state for GPT-2's 50,257
-tokens) and the transitions 8 bytes each (sorted token, next state) plus 4 bytes a state of offsets: no
-dense [states, V] table.
+Bytes: the allowed-token and closing-token bitmasks are [states, ceil(V / 32)] uint32 each (6,284 bytes a
+state each for GPT-2's 50,257 tokens), the transitions 8 bytes each (sorted token, next state), plus 8
+bytes a state of offsets and maxd: no dense [states, V] table.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Tables(NamedTuple):
     start: jax.Array  # [S + 1] i32, state s's transitions are entries start[s]:start[s + 1]
     token: jax.Array  # [T] i32, ascending within each state
     next: jax.Array  # [T] i32, the global state after that token
+    maxd: jax.Array  # [S] i32, the most tokens any allowed token's next state is from acceptance
+    closing: jax.Array  # [S, ceil(V / 32)] u32, like allowed: the tokens that bring the state closer
 
 
 def stack(automata: Sequence[Automaton], n_vocab: int, states: int, transitions: int) -> Tables:
@@ -42,15 +47,16 @@ def stack(automata: Sequence[Automaton], n_vocab: int, states: int, transitions:
     start = np.zeros(states + 1, np.int32)
     token = np.full(transitions, np.iinfo(np.int32).max, np.int32)
     nxt = np.zeros(transitions, np.int32)
+    maxd, closing = np.zeros(states, np.int32), np.zeros((states, words), np.uint32)
     s = t = 0
     for a in automata:
         n, k = a.n_states, a.n_transitions
-        allowed[s : s + n] = a.allowed
+        allowed[s : s + n], closing[s : s + n], maxd[s : s + n] = a.allowed, a.closing, a.maxd
         start[s : s + n + 1] = a.start + t
         token[t : t + k], nxt[t : t + k] = a.token, a.next + s
         s, t = s + n, t + k
     start[s:] = t
-    return Tables(allowed, start, token, nxt)
+    return Tables(allowed, start, token, nxt, maxd, closing)
 
 
 def offsets(automata: Sequence[Automaton]) -> list[int]:
@@ -58,22 +64,27 @@ def offsets(automata: Sequence[Automaton]) -> list[int]:
     return np.cumsum([0] + [a.n_states for a in automata[:-1]]).tolist() if automata else []
 
 
-def allowed_tokens(tables: Tables, fsm: jax.Array, n_vocab: int) -> jax.Array:
-    """[B, V] bool: the tokens each row's state allows (every token for an unconstrained row)."""
-    words = jnp.asarray(tables.allowed)[jnp.maximum(fsm, 0)]  # [B, W]
+def allowed_tokens(tables: Tables, fsm: jax.Array, budget: jax.Array, n_vocab: int) -> jax.Array:
+    """[B, V] bool: the tokens each row's state allows (every token for an unconstrained row), only its
+    closing ones once a free choice could leave too few of its `budget` [B] i32 tokens (max_tokens minus
+    those generated, counting the one about to be sampled) to reach acceptance and end-of-text."""
+    s = jnp.maximum(fsm, 0)
+    short = (jnp.asarray(tables.maxd)[s] >= budget - 1)[:, None]  # maxd + the end-of-text > budget - 1
+    words = jnp.where(short, jnp.asarray(tables.closing)[s], jnp.asarray(tables.allowed)[s])  # [B, W]
     v = jnp.arange(n_vocab, dtype=jnp.uint32)
     bits = (words[:, v >> 5] >> (v & 31)[None]) & 1  # [B, V]
     return (bits != 0) | (fsm < 0)[:, None]
 
 
-def constrain(x: jax.Array, tables: Tables | None, fsm: jax.Array) -> jax.Array:
-    """Logits x [B, V] f32 with the tokens each row's state forbids at -inf; unconstrained rows are
-    returned bit for bit, and a batch without a constrained row skips the work (`lax.cond`)."""
+def constrain(x: jax.Array, tables: Tables | None, fsm: jax.Array, budget: jax.Array) -> jax.Array:
+    """Logits x [B, V] f32 with the tokens each row's state forbids at -inf (`allowed_tokens`, `budget`
+    [B] i32 the tokens each row may still generate); unconstrained rows are returned bit for bit, and a
+    batch without a constrained row skips the work (`lax.cond`). The one mask of every sampling site."""
     if tables is None:
         return x
 
     def masked(x):
-        return jnp.where(allowed_tokens(tables, fsm, x.shape[-1]), x, -jnp.inf)
+        return jnp.where(allowed_tokens(tables, fsm, budget, x.shape[-1]), x, -jnp.inf)
 
     return jax.lax.cond(jnp.any(fsm >= 0), masked, lambda x: x, x)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,6 +29,8 @@ PET = {
     "required": ["name", "age", "kind"],
     "additionalProperties": False,
 }
+UNBOUNDED_INT = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+FREE = 1 << 20  # a budget that never closes
 
 
 def test_unsupported_schema_features_are_named():
@@ -83,7 +86,7 @@ def test_automata_are_cached_and_match_outlines(tok):
     tables = structured.stack([a], 512, 16, 4096)
     for s, moves in index.get_transitions().items():
         fsm = jnp.full((len(moves),), ids[s], jnp.int32)
-        allowed = np.asarray(structured.allowed_tokens(tables, fsm[:1], 512))[0]
+        allowed = np.asarray(structured.allowed_tokens(tables, fsm[:1], jnp.array([FREE]), 512))[0]
         assert sorted(np.flatnonzero(allowed)) == sorted(moves)
         toks = jnp.array(list(moves), jnp.int32)
         got = np.asarray(structured.next_state(tables, fsm, toks))
@@ -115,7 +118,8 @@ def test_constrain_leaves_unconstrained_rows_bit_identical(tok):
     tables = structured.stack([a], 512, 8, 64)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 512)), jnp.float32)
     fsm = jnp.array([-1, a.initial, -1], jnp.int32)
-    out = np.asarray(structured.constrain(x, tables, fsm))
+    budget = jnp.full((3,), FREE, jnp.int32)
+    out = np.asarray(structured.constrain(x, tables, fsm, budget))
     np.testing.assert_array_equal(out[[0, 2]], np.asarray(x)[[0, 2]])
     allowed = set(np.flatnonzero(np.isfinite(out[1])))
     assert allowed == set(a.token[a.start[a.initial] : a.start[a.initial + 1]].tolist())
@@ -124,7 +128,7 @@ def test_constrain_leaves_unconstrained_rows_bit_identical(tok):
     counts, step = jnp.zeros((3, 512), jnp.int32), jnp.zeros((3,), jnp.int32)
     plain = sampling.sample(x, counts, step, sp, jnp.bool_(False))
     masked = sampling.sample(
-        x, counts, step, sp, jnp.bool_(False), lambda y: structured.constrain(y, tables, fsm)
+        x, counts, step, sp, jnp.bool_(False), lambda y: structured.constrain(y, tables, fsm, budget)
     )
     assert int(masked.token[1]) in allowed
     np.testing.assert_array_equal(np.asarray(masked.token)[[0, 2]], np.asarray(plain.token)[[0, 2]])
@@ -134,8 +138,10 @@ def test_constrain_leaves_unconstrained_rows_bit_identical(tok):
 def _fake(states: int, transitions: int) -> Automaton:
     """An automaton of these sizes (contents irrelevant to placement)."""
     start = np.linspace(0, transitions, states + 1).astype(np.int32)
-    zeros = np.zeros(transitions, np.int32)
-    return Automaton(1, np.zeros((states, 16), np.uint32), start, zeros, zeros, 0.0)
+    zeros, bits = np.zeros(transitions, np.int32), np.zeros((states, 16), np.uint32)
+    return Automaton(
+        1, bits, start, zeros, zeros, np.zeros(states, np.int32), np.zeros(states, np.int32), bits, 0.0
+    )
 
 
 def test_resident_automata_reuse_compact_and_grow(monkeypatch):
@@ -177,6 +183,80 @@ def test_notebook_generate_is_constrained(tiny_model):
     alone = tiny_model.generate("The", max_tokens=8, temperature=0)
     both = tiny_model.generate(["The", "The"], max_tokens=8, temperature=0, regex=None)
     assert both == alone * 2
+
+
+def _bits(words: np.ndarray) -> set[int]:
+    """The token ids set in one state's bitmask row [W] u32."""
+    return {int(t) for t in np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little"))}
+
+
+def test_closing_tables_match_a_brute_force_search(tok):
+    """dist, maxd and the closing bitmask against their definitions over outlines-core's own transitions;
+    then the mask the device applies at every budget: closing tokens once maxd[s] >= budget - 1."""
+    from outlines_core import Index
+
+    from gpt2jax.constraint import _vocabulary
+
+    c = Constraint("regex", r"(ab|[0-9]{2}-[0-9]c)(x|-yz)?")
+    a = compile_automaton(c, tok, 512)
+    index = Index(c.regex(), _vocabulary(tok))
+    moves = index.get_transitions()
+    ids = {s: i for i, s in enumerate(sorted(moves))}
+    dist = {s: 0 if index.is_final_state(s) else 10**9 for s in moves}
+    while True:  # Bellman-Ford: relax every transition until nothing changes
+        relaxed = {s: min([dist[s]] + [dist[d] + 1 for d in moves[s].values()]) for s in moves}
+        if relaxed == dist:
+            break
+        dist = relaxed
+    assert max(dist.values()) >= 3  # the regex has depth enough to test
+    tables = structured.stack([a], 512, 16, 4096)
+    for s, m in moves.items():
+        i = ids[s]
+        assert a.dist[i] == dist[s] and a.maxd[i] == max(dist[d] for d in m.values())
+        near = {t for t, d in m.items() if dist[d] < dist[s] or t == tok.eos_token_id}
+        assert _bits(a.closing[i]) == near and near <= set(m)
+        for budget in range(1, int(a.maxd[i]) + 4):
+            got = structured.allowed_tokens(tables, jnp.array([i]), jnp.array([budget]), 512)
+            want = near if a.maxd[i] >= budget - 1 else set(m)
+            assert set(np.flatnonzero(np.asarray(got)[0]).tolist()) == want, (s, budget)
+    assert a.min_tokens == dist[index.get_initial_state()] + 1
+
+
+@pytest.mark.parametrize("constraint", [Constraint("json_object"), Constraint.json_schema(UNBOUNDED_INT)],
+                         ids=["json_object", "unbounded_int"])  # fmt: skip
+def test_uniform_random_walks_finish_within_any_budget(tok, constraint):
+    """Tokens drawn uniformly from the device mask (the worst a model can do: long keys, strings and
+    numbers), at every budget from the automaton's min_tokens: each walk ends with end-of-text in an
+    accepting state before the budget runs out, and the text parses."""
+    a = compile_automaton(constraint, tok, 512)
+    tables = structured.stack([a], 512, 256, 1 << 16)
+    allowed = jax.jit(structured.allowed_tokens, static_argnums=3)
+    rng = np.random.default_rng(0)
+    for budget in (a.min_tokens, a.min_tokens + 1, 24, 200):
+        for _ in range(20):
+            state, out = a.initial, []
+            for used in range(budget):
+                mask = allowed(tables, jnp.array([state]), jnp.array([budget - used]), 512)
+                t = int(rng.choice(np.flatnonzero(np.asarray(mask)[0])))
+                if t == tok.eos_token_id:
+                    break
+                out.append(t)
+                state = int(
+                    a.next[a.start[state] + np.searchsorted(a.token[a.start[state] : a.start[state + 1]], t)]
+                )
+            assert t == tok.eos_token_id, (budget, tok.decode(out))
+            assert isinstance(json.loads(tok.decode(out)), dict)
+
+
+def test_notebook_json_mode_always_closes_in_budget(tiny_model):
+    """JSON mode at temperature 1 over 20 seeds with small budgets: every choice stops (end-of-text)
+    with a JSON object, however long the random model's keys and strings would run."""
+    for max_tokens in (8, 24):
+        out = tiny_model.complete(["{"] * 5, max_tokens, n=4, temperature=1.0, seed=[1, 2, 3, 4, 5],
+                                  response_format={"type": "json_object"})  # fmt: skip
+        assert len(out) == 20
+        for c in out:
+            assert c.finish_reason == "stop" and isinstance(json.loads(c.text), dict), c.text
 
 
 def test_a_new_schema_compiles_nothing_after_warmup(tiny_model, compiles):

@@ -21,8 +21,8 @@ import numpy as np
 from gpt2jax.constraint import Automaton
 from gpt2jax.structured import Tables, offsets, stack
 
-# Capacity buckets: the tables start at INITIAL_* (compiled at warm-up: 6.4 MB of bitmask and 16.8 MB of
-# transitions for GPT-2's vocabulary) and double, up to MAX_*, as resident automata need.
+# Capacity buckets: the tables start at INITIAL_* (compiled at warm-up: 2 x 6.4 MB of bitmasks, allowed and
+# closing, and 16.8 MB of transitions for GPT-2's vocabulary) and double, up to MAX_*, as automata need.
 INITIAL_STATES = 1024
 INITIAL_TRANSITIONS = 2 * 1024 * 1024
 MAX_STATES = 16 * 1024
