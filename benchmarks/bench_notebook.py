@@ -6,7 +6,7 @@ one at a time, side by side in one run, on a random 124M-shaped GPT-2.
 identical. Repeats are interleaved (batch, one at a time, batch, ...); the ratio is of the medians.
 Results: benchmarks/README.md and the README's "Notebook API".
 
-    python benchmarks/bench_notebook.py [--prompts 48] [--repeats 2] [--batch-invariant] [--weights int8]
+    python benchmarks/bench_notebook.py [--prompts 48] [--repeats 2] [--batch-invariant] [--weights int8] [--unpacked]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from bench_engine import synthetic_tokenizer  # noqa: E402
 from common import gpt2_124m, machine, random_params  # noqa: E402
 
-from gpt2jax import packed  # noqa: E402
+from gpt2jax import cpu_kernels, packed  # noqa: E402
 from gpt2jax.lm import LanguageModel  # noqa: E402
 
 
@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch-invariant", action="store_true", help="the engine's BATCH_INVARIANT mode")
-    ap.add_argument("--weights", choices=("float32", *packed.MODES), default="float32")
+    ap.add_argument("--weights", choices=packed.MODES, default="float32")
+    ap.add_argument("--unpacked", action="store_true", help="fp32 weights as plain arrays: XLA's dot")
     args = ap.parse_args(argv)
 
     config = gpt2_124m()
     params = random_params(config)
-    if args.weights != "float32":  # what gpt2jax.load(dtype=/quantization=) gives on the CPU
+    if args.weights != "float32" or (cpu_kernels.enabled() and not args.unpacked):  # as gpt2jax.load packs
         params = packed.pack_params(params, args.weights)
     model = LanguageModel(config, params, synthetic_tokenizer(config.n_vocab))
     model.start_engine(batch_invariant=args.batch_invariant)
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     tokens = sum(limits)
     print(f"machine: {machine()}")
     print(f"{args.prompts} prompts, max_tokens 4/64 ({tokens} tokens), slots {model.engine.slots}, "
-          f"batch_invariant={args.batch_invariant}, weights {args.weights}")  # fmt: skip
+          f"batch_invariant={args.batch_invariant}, weights {args.weights}"
+          f"{' unpacked' if args.unpacked else ' packed'}")  # fmt: skip
     for name, ts in times.items():
         med = statistics.median(ts)
         print(

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from gpt2jax import packed, sampling
+from gpt2jax import cpu_kernels, packed, sampling
 from gpt2jax.checkpoint import load_params
 from gpt2jax.config import GPT2Config
 from gpt2jax.constraint import Constraint
@@ -43,7 +43,7 @@ def _cpu_pack_mode(dtype: Any) -> str | None:
     when the kernel is built (it is faster than XLA's dot at every row count measured)."""
     if dtype == jnp.bfloat16:
         return "bfloat16"
-    return "float32" if packed.use_kernel() else None
+    return "float32" if cpu_kernels.enabled() else None
 
 
 def models_root(models_dir: str | os.PathLike | None = None) -> Path:
@@ -81,7 +81,7 @@ class LanguageModel:
     ) -> None:
         """params: checkpoint-layout params; with a `layout` (gpt2jax.sharding), they are placed by it
         (each device gets its part, c_attn regrouped) and `self.params` is that placed tree.
-        kv_cache_dtype: the KV cache's dtype (gpt2jax.kv_cache; "auto": bf16 for bf16 activations, else
+        kv_cache_dtype: the KV cache's dtype (gpt2jax.kv_cache; "auto": bf16 for bf16 activations or weights narrower than fp32, else
         the activation dtype), in the engine and the sampler alike."""
         if tokenizer.vocab_size > config.n_vocab:
             raise ValueError(
@@ -96,7 +96,7 @@ class LanguageModel:
             self.params = layout.shard_params(params, config, dtype)
         self.tokenizer = tokenizer
         self.dtype = dtype
-        self.kv_dtype = kv_cache_dtype_for(kv_cache_dtype, dtype)
+        self.kv_dtype = kv_cache_dtype_for(kv_cache_dtype, dtype, packed.weights_dtype(self.params))
         self.name = name
         self.sampler = Sampler(config, dtype, layout=layout, kv_dtype=self.kv_dtype)
         self.source: Path | None = None  # the folder it was loaded from (tokenizer files for saving)
@@ -196,8 +196,7 @@ class LanguageModel:
     @property
     def weights(self) -> str:
         """How the weights are stored: "float32", "bfloat16" or "int8" (packed: see gpt2jax.packed)."""
-        wte = self.params["wte"]
-        return jnp.dtype(wte.data.dtype if isinstance(wte, packed.PackedWeight) else wte.dtype).name
+        return packed.weights_dtype(self.params).name
 
     def save_quantized(self, path: str | os.PathLike) -> None:
         """Writes this int8 model (`load(..., quantization="int8")`) as a folder that `load` reads back
@@ -234,7 +233,7 @@ def load(
     receiving only its part, so a model too big for one device loads. None: one device.
     download: a name with no folder yet (a GPT-2 size such as "124M", or a Hugging Face repo id) is
     downloaded first into $MODELS_DIR or ./checkpoints, as `python3 download_model.py NAME` would.
-    kv_cache_dtype: "auto" (bf16 with bfloat16 activations, else float32), "float32" or "bfloat16": the
+    kv_cache_dtype: "auto" (bf16 with bf16 or int8 weights or activations, else float32), "float32" or "bfloat16": the
     dtype the KV cache is stored in (bf16 halves its memory; gpt2jax/kv_cache.py).
     """
     if dtype not in DTYPES:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpt2jax import packed
+from gpt2jax import cpu_kernels, packed
 from gpt2jax.config import GPT2Config
 
 # One layer's cache: (keys, values), each [B, n_head, S, head_dim].
@@ -126,8 +126,17 @@ def _vocab_blocks(V: int, lo: int = 8, hi: int = 64) -> int:
     return next((d for d in range(lo, hi + 1) if V % d == 0), 1)
 
 
+def kernel_attention(qkv_groups: int) -> bool:
+    """Whether decode attention runs in gpt2jax.cpu_kernels: on the CPU with the kernels built, heads not
+    split over devices (a kernel sees whole arrays; data-parallel slots are split by shard_map)."""
+    return qkv_groups == 1 and cpu_kernels.enabled()
+
+
 def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes new [B, H, T, D] into cache [B, H, S, D] at per-row time offsets start [B].
+    """Writes new [B, H, T, D] into cache [B', H, S, D] at per-row time offsets start [B].
+
+    B' > B (one token a row, T = 1) writes the cache's first B rows: a decode of the leading slots that
+    reads the whole cache through the attention kernel.
 
     A bf16 cache is written through its bits (uint16): written as bf16, XLA:CPU converted the whole cache
     to fp32 and back around each write (a full fp32 copy in the step's temporaries; benchmarks/README.md).
@@ -136,6 +145,9 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
         bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
         written = write_cache(bits(cache), bits(new.astype(cache.dtype)), start)
         return jax.lax.bitcast_convert_type(written, jnp.bfloat16)
+    if cache.shape[0] > new.shape[0]:
+        rows = jnp.arange(new.shape[0])
+        return cache.at[rows, :, start].set(new[:, :, 0], indices_are_sorted=True, unique_indices=True)
     if new.shape[0] == 1:
         return jax.lax.dynamic_update_slice(cache, new, (0, 0, start[0], 0))
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, start)
@@ -220,8 +232,14 @@ class Attention(nn.Module):
         k_cache, v_cache = cache  # (B, H, S, D)
         start = positions[:, 0]
         if T == 1:
-            past_k, past_v = (upcast_after(c, self.dtype, q) for c in cache)
-            out = attend_decode(q, k, v, past_k, past_v, start)
+            if kernel_attention(self.qkv_groups):  # the cache may hold more rows than x (see write_cache)
+                out = cpu_kernels.decode_attention(
+                    q[:, :, 0], k[:, :, 0], v[:, :, 0], k_cache, v_cache, start
+                )
+                out = out[:, :, None].astype(self.dtype)
+            else:
+                past_k, past_v = (upcast_after(c, self.dtype, q) for c in cache)
+                out = attend_decode(q, k, v, past_k, past_v, start)
             # The cache is written after every read of it: in place, touching only the new entries. Were
             # the write free to run before the reads, XLA would copy each layer's cache to keep the old one.
             zero = exact_zero(out).astype(k.dtype)

@@ -103,14 +103,28 @@ def pack_params(params: Any, mode: str) -> Any:
     return jax.device_put(out)
 
 
+def unpack_params(params: Any) -> Any:
+    """Plain checkpoint-layout params: every PackedWeight dequantised to its [K, N] f32 matrix (`wte`
+    transposed back to [V, E]); other leaves as they are. The inverse of `pack_params` up to rounding."""
+    is_leaf = lambda a: isinstance(a, PackedWeight)
+    out = jax.tree.map(lambda a: a.unpack() if is_leaf(a) else a, {**params, "wte": None}, is_leaf=is_leaf)
+    wte = params["wte"]
+    out["wte"] = wte.unpack().T if is_leaf(wte) else wte
+    return out
+
+
+def weights_dtype(params: Any) -> jnp.dtype | None:
+    """The dtype the weights are stored in: the packed tiles' (float32, bfloat16 or int8), else `wte`'s;
+    None for params without a `wte` (a test's fake device)."""
+    wte = params.get("wte") if isinstance(params, dict) else None
+    if wte is None:
+        return None
+    return jnp.dtype(wte.data.dtype if isinstance(wte, PackedWeight) else wte.dtype)
+
+
 def is_packed(params: Any) -> bool:
     """Whether params hold packed weights (their `wte` is a PackedWeight)."""
     return isinstance(params.get("wte") if isinstance(params, dict) else None, PackedWeight)
-
-
-def use_kernel() -> bool:
-    """Whether packed products run in the CPU kernel: the default backend is the CPU and it is built."""
-    return jax.default_backend() == "cpu" and cpu_kernels.available()
 
 
 def matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
@@ -118,7 +132,7 @@ def matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     K, N = w.shape
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, K).astype(jnp.float32)
-    if use_kernel():
+    if cpu_kernels.enabled():
         y = cpu_kernels.packed_matmul(x2, w.data, w.scale, N)
     else:
         T = w.data.shape[0]

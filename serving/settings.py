@@ -32,7 +32,7 @@ class Settings:
     graceful_timeout: float = 30.0  # GRACEFUL_TIMEOUT: seconds to finish in-flight requests on SIGTERM
     dtype: str = "float32"  # DTYPE: float32 or bfloat16 weights
     quantization: str | None = None  # QUANTIZATION: int8 (weight-only, gpt2jax.packed); empty: none
-    # KV_CACHE_DTYPE: auto (bf16 with bf16 activations, else float32), float32 or bfloat16 (gpt2jax/kv_cache.py)
+    # KV_CACHE_DTYPE: auto (bf16 with bf16/int8 weights or activations, else float32), float32 or bfloat16
     kv_cache_dtype: str = "auto"
     slots: int | None = None  # SLOTS: the engine's decode slots (default: the engine's choice per device)
     chunk_size: int | None = None  # CHUNK_SIZE: decode steps per device call (default: the engine's choice)

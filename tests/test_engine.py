@@ -158,7 +158,9 @@ def mixed(lm, engine, compiles):
         alone = [asyncio.run(collect(engine, r)) for r in requests]
     finally:
         del engine.programs.decode
-    assert windows == {32, 64, 128}, windows  # short rows decode over a part of the cache
+    # Short rows decode over a part of the cache; the CPU attention kernel reads only what rows see, in
+    # place, so with it there is one window.
+    assert windows == ({128} if engine.programs.kernel_attention else {32, 64, 128}), windows
     return requests, batched, alone, len(compiles) - before
 
 

@@ -181,3 +181,11 @@ def test_server_quantization_setting_reaches_the_model():
     registry = registry_for([pathlib.Path("checkpoints/pydoc-tiny")], settings)
     asyncio.run(load_all(registry, settings, build))
     assert [m.weights for m in built] == ["int8"]
+
+
+def test_unpack_params_inverts_fp32_packing(tiny_params):
+    _, params = tiny_params
+    plain = packed.unpack_params(packed.pack_params(params, "float32"))
+    assert jax.tree.structure(plain) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(plain), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want, np.float32))

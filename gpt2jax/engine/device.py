@@ -41,8 +41,8 @@ from gpt2jax.decode import DecodeState
 from gpt2jax.engine.automata import DeviceAutomata
 from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_row_counts
-from gpt2jax.engine.slots import Prefilled, SlotRow, leading, make_row, put_row
-from gpt2jax.model import KVCache, init_cache
+from gpt2jax.engine.slots import Prefilled, SlotRow, leading, make_row, put_row, write_back
+from gpt2jax.model import KVCache, init_cache, kernel_attention
 from gpt2jax.sharding import Layout, make_mesh
 
 AXIS = "data"
@@ -79,7 +79,10 @@ class SlotPrograms(DevicePrograms):
         # Decode attends over a window of the cache (the first `window` positions), compiled for each
         # power of two from min_window up to n_ctx: while every live row is short, a step reads a
         # fraction of the [slots, n_ctx] cache instead of all of it.
-        self.windows = decode_windows(min(min_window, config.n_ctx), config.n_ctx, batch_invariant)
+        # The CPU attention kernel reads only what each row sees, in place: one window, nothing cut.
+        self.kernel_attention = kernel_attention(layout.qkv_groups)
+        smallest = config.n_ctx if self.kernel_attention else min(min_window, config.n_ctx)
+        self.windows = decode_windows(smallest, config.n_ctx, batch_invariant)
         self.layout, self.mesh, self.params = layout, layout.mesh, params
         self.replicated = rep = layout.replicated
         self.by_slot = rows = layout.rows
@@ -223,17 +226,13 @@ class SlotPrograms(DevicePrograms):
         window is dropped and their outputs are ignored).
         """
         full = state
-        state = leading(state, rows, window)
+        state = leading(state, rows, None if self.kernel_attention else window)
         state = state._replace(done=state.done | ~active[:rows])
 
         # Each device decodes its own rows: want_top is over them only, so there is no collective.
         last = self.config.n_ctx - 1
         _, state, outs = decode.decode(params, self.model, state, self.chunk_size, last, tables)
-        if rows < full.token.shape[0] or window < self.config.n_ctx:  # written back in place (donated)
-            state = jax.tree.map(
-                lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim), full, state
-            )
-        return state, outs
+        return write_back(full, state), outs
 
     # ---- host side ----
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from gpt2jax import packed
 from gpt2jax.config import GPT2Config
 from gpt2jax.constraint import Automaton, Constraint, compile_automaton
 from gpt2jax.engine.api import EngineError, Event, GenerationRequest
@@ -153,7 +154,7 @@ class BatchEngine:
         self.config = config
         self.n_ctx = config.n_ctx
         self.tokenizer = tokenizer
-        self.kv_dtype = kv = kv_cache_dtype_for(kv_cache_dtype, dtype)
+        self.kv_dtype = kv = kv_cache_dtype_for(kv_cache_dtype, dtype, packed.weights_dtype(params))
         self.slots = slots or default_slots(config, kv, devices, layout.model if layout else 1)
         self.chunk_size = chunk_size or default_chunk_size(devices)
         self.max_queue = max_queue

@@ -52,11 +52,21 @@ def make_row(
     )
 
 
-def leading(state: DecodeState, rows: int, window: int) -> DecodeState:
+def leading(state: DecodeState, rows: int, window: int | None) -> DecodeState:
     """The first `rows` slots of a slot table's state, their cache cut to its first `window` positions
-    (what a decode of that many rows over that window runs on; traced inside it)."""
-    state = jax.tree.map(lambda a: a[:rows], state)
-    return state._replace(cache=tuple((k[:, :, :window], v[:, :, :window]) for k, v in state.cache))
+    (what a decode of that many rows over that window runs on; traced inside it). window None: the
+    whole cache, uncut (gpt2jax.model.kernel_attention reads its leading rows in place)."""
+    cut = jax.tree.map(lambda a: a[:rows], state._replace(cache=()))
+    if window is None:
+        return cut._replace(cache=state.cache)
+    return cut._replace(cache=tuple((k[:rows, :, :window], v[:rows, :, :window]) for k, v in state.cache))
+
+
+def write_back(whole: DecodeState, part: DecodeState) -> DecodeState:
+    """`whole` with `leading`'s part written over its first rows and positions (in place when `whole` is
+    donated); an array that was not cut is taken whole."""
+    put = lambda w, p: p if w.shape == p.shape else jax.lax.dynamic_update_slice(w, p, (0,) * w.ndim)
+    return jax.tree.map(put, whole, part)
 
 
 def put_row(dst: jax.Array, src: jax.Array, at: jax.Array, mine: jax.Array) -> jax.Array:

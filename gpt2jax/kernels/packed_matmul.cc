@@ -3,20 +3,18 @@
 // W is packed as [T, K, 16] (T = ceil(N / 16); column n is tile n / 16, lane n % 16), so that one tile's
 // sweep over K reads one contiguous stream. Weights are widened to f32 in registers and accumulated in
 // f32: nothing is dequantised to memory, so a decode step reads 1 (int8) or 2 (bf16) bytes per weight.
-// Tiles are shared out to XLA's intra-op thread pool and the calling thread.
+// Tiles are shared out to XLA's intra-op thread pool and the calling thread (parallel.h).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
-#include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define GPT2JAX_AVX2 1
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -56,8 +54,10 @@ inline void Unshuffle(const uint16_t*, __m256& lo, __m256& hi) {
 
 // R rows of x against TT consecutive tiles starting at w. Every output is summed over k in order, one FMA
 // per k, whatever R and TT: a row's result does not depend on the rows or the batch size beside it.
+// x(r, k) is x[r * rs + k * ks]: rows of x as they are (rs = K, ks = 1) or a packed panel (rs = 1, ks = R).
 template <int R, int TT, typename W>
-void Block(const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t N, int64_t n0) {
+void Block(const float* x, int64_t rs, int64_t ks, int64_t K, const W* w, const float* scale, float* y,
+           int64_t N, int64_t n0) {
   __m256 acc[R][TT][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -72,7 +72,7 @@ void Block(const float* x, int64_t K, const W* w, const float* scale, float* y, 
       for (int t = 0; t < TT; ++t) Widen(w + (t * K + k) * kLanes, lo[t], hi[t]);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+        __m256 xb = _mm256_broadcast_ss(x + r * rs + k * ks);
 #pragma GCC unroll 8
         for (int t = 0; t < TT; ++t) {
           acc[r][t][0] = _mm256_fmadd_ps(xb, lo[t], acc[r][t][0]);
@@ -82,7 +82,7 @@ void Block(const float* x, int64_t K, const W* w, const float* scale, float* y, 
     } else {
       __m256 xb[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(x + r * K + k);
+      for (int r = 0; r < R; ++r) xb[r] = _mm256_broadcast_ss(x + r * rs + k * ks);
 #pragma GCC unroll 8
       for (int t = 0; t < TT; ++t) {
         __m256 lo, hi;
@@ -114,32 +114,45 @@ void Block(const float* x, int64_t K, const W* w, const float* scale, float* y, 
 }
 
 // Tiles [t0, t1) for all M rows: 6 rows a tile at a time (12 accumulators, BLIS's 6x16 shape for AVX2; the
-// tile stays in cache across row blocks), then 4, then the last 1-3 rows against 2 or 4 tiles at once so
-// that 8 accumulators hide the FMA latency.
+// tile stays in cache across row blocks) read from xp, x's first M / 6 * 6 rows packed in panels [K, 6] so
+// that a k step's six values share a cache line; then 4 rows, then the last 1-3 rows against 2 or 4 tiles
+// at once so that 8 accumulators hide the FMA latency.
 template <typename W>
-void Tiles(const float* x, int64_t M, int64_t K, const W* w, const float* scale, float* y, int64_t N,
-           int64_t t0, int64_t t1) {
+void Tiles(const float* x, const float* xp, int64_t M, int64_t K, const W* w, const float* scale, float* y,
+           int64_t N, int64_t t0, int64_t t1) {
   const int64_t tile = K * kLanes;
   int64_t m6 = M / 6 * 6, m4 = m6 + (M - m6) / 4 * 4;
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t m = 0; m < m6; m += 6)
-      Block<6, 1>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
-    if (m4 > m6) Block<4, 1>(x + m6 * K, K, w + t * tile, scale + t * kLanes, y + m6 * N, N, t * kLanes);
+      Block<6, 1>(xp + m * K, 1, 6, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+    if (m4 > m6)
+      Block<4, 1>(x + m6 * K, K, 1, K, w + t * tile, scale + t * kLanes, y + m6 * N, N, t * kLanes);
   }
   int64_t m = m4;
   if (M - m >= 2) {
     int64_t t = t0;
     for (; t + 2 <= t1; t += 2)
-      Block<2, 2>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
-    for (; t < t1; ++t) Block<2, 1>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+      Block<2, 2>(x + m * K, K, 1, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+    for (; t < t1; ++t)
+      Block<2, 1>(x + m * K, K, 1, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
     m += 2;
   }
   if (M - m == 1) {
     int64_t t = t0;
     for (; t + 4 <= t1; t += 4)
-      Block<1, 4>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
-    for (; t < t1; ++t) Block<1, 1>(x + m * K, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+      Block<1, 4>(x + m * K, K, 1, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
+    for (; t < t1; ++t)
+      Block<1, 1>(x + m * K, K, 1, K, w + t * tile, scale + t * kLanes, y + m * N, N, t * kLanes);
   }
+}
+
+// x's first M / 6 * 6 rows as panels: panel p holds rows 6p..6p+5 as [K, 6].
+std::vector<float> Panels(const float* x, int64_t M, int64_t K) {
+  std::vector<float> xp(M / 6 * 6 * K);
+  for (int64_t p = 0; p < M / 6; ++p)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < 6; ++r) xp[(p * K + k) * 6 + r] = x[(p * 6 + r) * K + k];
+  return xp;
 }
 #else
 inline float ToFloat(int8_t v) { return static_cast<float>(v); }
@@ -151,9 +164,11 @@ inline float ToFloat(uint16_t v) {
   return f;
 }
 
+std::vector<float> Panels(const float*, int64_t, int64_t) { return {}; }
+
 template <typename W>
-void Tiles(const float* x, int64_t M, int64_t K, const W* w, const float* scale, float* y, int64_t N,
-           int64_t t0, int64_t t1) {
+void Tiles(const float* x, const float*, int64_t M, int64_t K, const W* w, const float* scale, float* y,
+           int64_t N, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     int64_t cols = std::min<int64_t>(kLanes, N - t * kLanes);
     for (int64_t m = 0; m < M; ++m) {
@@ -166,41 +181,18 @@ void Tiles(const float* x, int64_t M, int64_t K, const W* w, const float* scale,
 }
 #endif
 
-// Tiles are claimed in chunks from a shared counter by the caller and by tasks on XLA's pool; a task
-// that starts after the last chunk is claimed does nothing, so the caller never waits on a task that
-// has not begun.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t chunks = 0, per_chunk = 0, tiles = 0;
-};
-
-template <typename W>
-void RunChunks(const std::shared_ptr<Work>& work, const float* x, int64_t M, int64_t K, const W* w,
-               const float* scale, float* y, int64_t N) {
-  for (;;) {
-    int64_t c = work->next.fetch_add(1);
-    if (c >= work->chunks) return;
-    Tiles(x, M, K, w, scale, y, N, c * work->per_chunk, std::min(work->tiles, (c + 1) * work->per_chunk));
-    work->done.fetch_add(1);
-  }
-}
-
 template <typename W>
 ffi::Error PackedMatmul(ffi::ThreadPool pool, const float* x, int64_t M, int64_t K, const W* w, int64_t T,
                         const float* scale, float* y, int64_t N) {
   if (T * kLanes < N) return ffi::Error::InvalidArgument("packed weight has fewer columns than the output");
-  auto work = std::make_shared<Work>();
-  work->tiles = T;
   // Tasks beyond the pool's threads only add scheduling; a chunk of a few tiles keeps the threads even.
   int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, T / 4));
-  work->chunks = std::min<int64_t>(T, workers * 8);
-  work->per_chunk = ((T + work->chunks - 1) / work->chunks + 3) / 4 * 4;  // whole groups of 4 tiles
-  work->chunks = (T + work->per_chunk - 1) / work->per_chunk;
-  for (int64_t i = 1; i < workers; ++i)
-    pool.Schedule([=] { RunChunks(work, x, M, K, w, scale, y, N); });
-  RunChunks(work, x, M, K, w, scale, y, N);
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  int64_t chunks = std::min<int64_t>(T, workers * 8);
+  int64_t per_chunk = ((T + chunks - 1) / chunks + 3) / 4 * 4;  // whole groups of 4 tiles
+  std::vector<float> panels = Panels(x, M, K);
+  const float* xp = panels.data();
+  gpt2jax::ParallelChunks(pool, T, per_chunk, workers,
+                          [=](int64_t t0, int64_t t1) { Tiles(x, xp, M, K, w, scale, y, N, t0, t1); });
   return ffi::Error::Success();
 }
 
