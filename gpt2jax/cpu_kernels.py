@@ -128,13 +128,20 @@ def decode_attention(
     k_cache: jax.Array,
     v_cache: jax.Array,
     position: jax.Array,
-) -> jax.Array:
-    """One new token per row against its cache: out [B, H, D] f32 = softmax(q . [K[:pos], k_new] / sqrt(D))
-    @ [V[:pos], v_new], for q, k_new, v_new [B, H, D] f32, caches [B', H, S, D] (B' >= B; the first B rows
-    are used; f32 or bf16) and position [B] i32 (entries before it are visible). Requires `available()`.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One new token per row against its cache, then written into it: returns (out, k_cache, v_cache).
+
+    out [B, H, D] f32 = softmax(q . [K[:pos], k_new] / sqrt(D)) @ [V[:pos], v_new] for q, k_new, v_new
+    [B, H, D] f32, caches [B', H, S, D] (B' >= B: the first B rows are used; f32 or bf16) and position [B]
+    i32 (entries before it are visible); the caches come back with k_new, v_new at `position` (rounded to
+    the cache's dtype; a position >= S writes nothing), updated in place when the inputs are not used
+    again (donated). Requires `available()`.
     """
     target = ATTENTION_TARGETS[jnp.dtype(k_cache.dtype)]
-    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype))
     f32 = lambda a: a.astype(jnp.float32)
-    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
-    return call(f32(q), f32(k_new), f32(v_new), k_cache, v_cache, position.astype(jnp.int32))
+    call = jax.ffi.ffi_call(
+        target, (*shapes, shapes[1]), vmap_method="sequential", input_output_aliases={3: 1, 4: 2}
+    )
+    out, k_cache, v_cache = call(f32(q), f32(k_new), f32(v_new), k_cache, v_cache, position.astype(jnp.int32))
+    return out, k_cache, v_cache

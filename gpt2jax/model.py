@@ -133,10 +133,7 @@ def kernel_attention(qkv_groups: int) -> bool:
 
 
 def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes new [B, H, T, D] into cache [B', H, S, D] at per-row time offsets start [B].
-
-    B' > B (one token a row, T = 1) writes the cache's first B rows: a decode of the leading slots that
-    reads the whole cache through the attention kernel.
+    """Writes new [B, H, T, D] into cache [B, H, S, D] at per-row time offsets start [B].
 
     A bf16 cache is written through its bits (uint16): written as bf16, XLA:CPU converted the whole cache
     to fp32 and back around each write (a full fp32 copy in the step's temporaries; benchmarks/README.md).
@@ -145,9 +142,6 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
         bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
         written = write_cache(bits(cache), bits(new.astype(cache.dtype)), start)
         return jax.lax.bitcast_convert_type(written, jnp.bfloat16)
-    if cache.shape[0] > new.shape[0]:
-        rows = jnp.arange(new.shape[0])
-        return cache.at[rows, :, start].set(new[:, :, 0], indices_are_sorted=True, unique_indices=True)
     if new.shape[0] == 1:
         return jax.lax.dynamic_update_slice(cache, new, (0, 0, start[0], 0))
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, start)
@@ -231,15 +225,15 @@ class Attention(nn.Module):
         # faster than with the time axis between them.
         k_cache, v_cache = cache  # (B, H, S, D)
         start = positions[:, 0]
-        if T == 1:
-            if kernel_attention(self.qkv_groups):  # the cache may hold more rows than x (see write_cache)
-                out = cpu_kernels.decode_attention(
-                    q[:, :, 0], k[:, :, 0], v[:, :, 0], k_cache, v_cache, start
-                )
-                out = out[:, :, None].astype(self.dtype)
-            else:
-                past_k, past_v = (upcast_after(c, self.dtype, q) for c in cache)
-                out = attend_decode(q, k, v, past_k, past_v, start)
+        if T == 1 and kernel_attention(self.qkv_groups):
+            # Reads and writes the cache in place; it may hold more rows than x (a decode of leading slots).
+            out, k_cache, v_cache = cpu_kernels.decode_attention(
+                q[:, :, 0], k[:, :, 0], v[:, :, 0], k_cache, v_cache, start
+            )
+            out = out[:, :, None].astype(self.dtype)
+        elif T == 1:
+            past_k, past_v = (upcast_after(c, self.dtype, q) for c in cache)
+            out = attend_decode(q, k, v, past_k, past_v, start)
             # The cache is written after every read of it: in place, touching only the new entries. Were
             # the write free to run before the reads, XLA would copy each layer's cache to keep the old one.
             zero = exact_zero(out).astype(k.dtype)

@@ -1,11 +1,14 @@
-// Decode attention over a KV cache: one new token per row against the cache entries before its position.
+// Decode attention over a KV cache: one new token per row against the cache entries before its position,
+// then the new token's key and value written into the cache at that position.
 //
 // out[b, h] = softmax(q . [K[b, h, :pos[b]], k_new] / sqrt(D)) @ [V[b, h, :pos[b]], v_new]
+// K[b, h, pos[b]] = k_new[b, h], V[b, h, pos[b]] = v_new[b, h]   (the caches are outputs aliased in place)
 //
 // Only the entries a row can see are read (XLA's einsum reads the whole window and masks), a bf16 cache
-// is widened in registers (XLA converted it to f32 in memory first), and the cache may hold more rows
-// than the batch (the first B are used), so a decode of the leading slots needs no copy of the cache.
-// Each (row, head) is computed alone, in a fixed order: a row's result does not depend on the batch.
+// is widened in registers (XLA converted it to f32 in memory first) and written in place (XLA copied it
+// around each write), and the cache may hold more rows than the batch (the first B are used), so a decode
+// of the leading slots needs no copy of the cache. Each (row, head) is computed alone, in a fixed order:
+// a row's result does not depend on the batch.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +28,17 @@ namespace ffi = xla::ffi;
 namespace {
 
 inline float Load(const float* p) { return *p; }
+inline void Store(float v, float* p) { *p = v; }
+// Round to nearest even, as XLA converts f32 to bf16 (a NaN stays a NaN).
+inline void Store(float v, uint16_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    *p = static_cast<uint16_t>((bits >> 16) | 0x40);
+    return;
+  }
+  *p = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
+}
 inline float Load(const uint16_t* p) {
   uint32_t bits = static_cast<uint32_t>(*p) << 16;
   float f;
@@ -81,14 +95,14 @@ struct Shapes {
 
 // One (row, head): scores over the visible entries and the new token, softmax, weighted sum of values.
 template <typename C>
-void One(const Shapes& s, int64_t item, const float* q, const float* k_new, const float* v_new, const C* kc,
-         const C* vc, const int32_t* position, float* out, std::vector<float>& scores) {
+void One(const Shapes& s, int64_t item, const float* q, const float* k_new, const float* v_new, C* kc, C* vc,
+         const int32_t* position, float* out, std::vector<float>& scores) {
   const int64_t b = item / s.H, h = item % s.H, D = s.D;
   const int64_t n = std::clamp<int64_t>(position[b], 0, s.S);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float* qv = q + item * D;
-  const C* K = kc + (b * s.H + h) * s.S * D;
-  const C* V = vc + (b * s.H + h) * s.S * D;
+  C* K = kc + (b * s.H + h) * s.S * D;
+  C* V = vc + (b * s.H + h) * s.S * D;
   scores.resize(n);
   const float own = Dot(qv, k_new + item * D, D) * scale;
   float top = own;
@@ -103,22 +117,30 @@ void One(const Shapes& s, int64_t item, const float* q, const float* k_new, cons
   Axpy(p_own, v_new + item * D, o, D);
   const float inv = 1.0f / denom;
   for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  if (n < s.S)  // after the reads: the row's new entry, where its next step will see it
+    for (int64_t d = 0; d < D; ++d) {
+      Store(k_new[item * D + d], K + n * D + d);
+      Store(v_new[item * D + d], V + n * D + d);
+    }
 }
 
 template <ffi::DataType T, typename C>
 ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                 ffi::Buffer<ffi::F32> v_new, ffi::Buffer<T> k_cache, ffi::Buffer<T> v_cache,
-                ffi::Buffer<ffi::S32> position, ffi::ResultBuffer<ffi::F32> out) {
+                ffi::Buffer<ffi::S32> position, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<T> k_out,
+                ffi::ResultBuffer<T> v_out) {
   auto qd = q.dimensions(), cd = k_cache.dimensions();
   if (qd.size() != 3 || cd.size() != 4 || cd[0] < qd[0] || cd[1] != qd[1] || cd[3] != qd[2] ||
       k_new.element_count() != q.element_count() || v_new.element_count() != q.element_count() ||
       v_cache.element_count() != k_cache.element_count() || position.element_count() != qd[0])
     return ffi::Error::InvalidArgument(
         "decode_attention: q, k_new, v_new [B, H, D]; caches [>= B, H, S, D]; position [B]");
+  if (k_out->untyped_data() != k_cache.untyped_data() || v_out->untyped_data() != v_cache.untyped_data())
+    return ffi::Error::InvalidArgument("decode_attention: the caches must be aliased to the outputs");
   const Shapes s{qd[0], qd[1], cd[2], qd[2]};
   const float *qp = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
-  const C* kc = reinterpret_cast<const C*>(k_cache.untyped_data());
-  const C* vc = reinterpret_cast<const C*>(v_cache.untyped_data());
+  C* kc = reinterpret_cast<C*>(k_out->untyped_data());
+  C* vc = reinterpret_cast<C*>(v_out->untyped_data());
   const int32_t* pos = position.typed_data();
   float* o = out->typed_data();
   gpt2jax::ParallelFor(pool, s.B * s.H, [=](int64_t begin, int64_t end) {
@@ -141,7 +163,9 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::
                                     .Arg<ffi::Buffer<TYPE>>()       \
                                     .Arg<ffi::Buffer<TYPE>>()       \
                                     .Arg<ffi::Buffer<ffi::S32>>()   \
-                                    .Ret<ffi::Buffer<ffi::F32>>());
+                                    .Ret<ffi::Buffer<ffi::F32>>()   \
+                                    .Ret<ffi::Buffer<TYPE>>()       \
+                                    .Ret<ffi::Buffer<TYPE>>());
 
 GPT2JAX_ATTENTION(Gpt2jaxDecodeAttentionF32, ffi::F32, float)
 GPT2JAX_ATTENTION(Gpt2jaxDecodeAttentionBF16, ffi::BF16, uint16_t)
