@@ -209,26 +209,15 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D> w,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Gpt2jaxPackedMatmulS8, (Impl<ffi::S8, int8_t>),
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define GPT2JAX_PACKED_MATMUL(NAME, TYPE, CTYPE)                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, (Impl<TYPE, CTYPE>),          \
+                                ffi::Ffi::Bind()                    \
+                                    .Ctx<ffi::ThreadPool>()         \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Arg<ffi::Buffer<TYPE>>()       \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Gpt2jaxPackedMatmulBF16, (Impl<ffi::BF16, uint16_t>),
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Gpt2jaxPackedMatmulF32, (Impl<ffi::F32, float>),
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+GPT2JAX_PACKED_MATMUL(Gpt2jaxPackedMatmulS8, ffi::S8, int8_t)
+GPT2JAX_PACKED_MATMUL(Gpt2jaxPackedMatmulBF16, ffi::BF16, uint16_t)
+GPT2JAX_PACKED_MATMUL(Gpt2jaxPackedMatmulF32, ffi::F32, float)
