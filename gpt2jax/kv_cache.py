@@ -2,8 +2,8 @@
 `kv_cache_dtype`, the server's KV_CACHE_DTYPE), independent of the weights' and activations' dtype.
 
 The cache is written in this dtype and read back up-cast to the activation dtype (gpt2jax/model.py; the
-CPU attention kernel widens it in registers, gpt2jax/cpu_kernels.py), so bf16 halves the cache's memory (16 slots x 1,024 positions of a 124M model: 1.2 GB fp32, 0.6 GB bf16)
-and the bytes a decode step reads from it, at the cost of rounding each key and value to 8 bits of
+CPU attention kernel widens it in registers, gpt2jax/cpu_kernels.py), so bf16 halves the cache's memory
+(16 slots x 1,024 positions of a 124M model: 1.2 GB fp32, 0.6 GB bf16) and the bytes a decode step reads from it, at the cost of rounding each key and value to 8 bits of
 mantissa (tests/test_kv_cache.py states how far the logprobs move).
 """
 

@@ -81,8 +81,8 @@ class LanguageModel:
     ) -> None:
         """params: checkpoint-layout params; with a `layout` (gpt2jax.sharding), they are placed by it
         (each device gets its part, c_attn regrouped) and `self.params` is that placed tree.
-        kv_cache_dtype: the KV cache's dtype (gpt2jax.kv_cache; "auto": bf16 for bf16 activations or weights narrower than fp32, else
-        the activation dtype), in the engine and the sampler alike."""
+        kv_cache_dtype: the KV cache's dtype (gpt2jax.kv_cache; "auto": bf16 for bf16 activations or
+        weights narrower than fp32, else the activation dtype), in the engine and the sampler alike."""
         if tokenizer.vocab_size > config.n_vocab:
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.n_vocab}"
@@ -233,8 +233,8 @@ def load(
     receiving only its part, so a model too big for one device loads. None: one device.
     download: a name with no folder yet (a GPT-2 size such as "124M", or a Hugging Face repo id) is
     downloaded first into $MODELS_DIR or ./checkpoints, as `python3 download_model.py NAME` would.
-    kv_cache_dtype: "auto" (bf16 with bf16 or int8 weights or activations, else float32), "float32" or "bfloat16": the
-    dtype the KV cache is stored in (bf16 halves its memory; gpt2jax/kv_cache.py).
+    kv_cache_dtype: "auto" (bf16 with bf16 or int8 weights or activations, else float32), "float32" or
+    "bfloat16": the dtype the KV cache is stored in (bf16 halves its memory; gpt2jax/kv_cache.py).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")

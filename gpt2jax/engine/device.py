@@ -76,10 +76,10 @@ class SlotPrograms(DevicePrograms):
         self.batch_invariant = batch_invariant
         self.kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.model = decode.Model(config, dtype, layout.qkv_groups)
-        # Decode attends over a window of the cache (the first `window` positions), compiled for each
+        # XLA's attention reads a window of the cache (the first `window` positions), compiled for each
         # power of two from min_window up to n_ctx: while every live row is short, a step reads a
-        # fraction of the [slots, n_ctx] cache instead of all of it.
-        # The CPU attention kernel reads only what each row sees, in place: one window, nothing cut.
+        # fraction of the [slots, n_ctx] cache. The CPU attention kernel reads only what each row sees,
+        # in place: one window, nothing cut (cutting copied the window out and back every chunk).
         self.kernel_attention = kernel_attention(layout.qkv_groups)
         smallest = config.n_ctx if self.kernel_attention else min(min_window, config.n_ctx)
         self.windows = decode_windows(smallest, config.n_ctx, batch_invariant)
