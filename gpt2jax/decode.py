@@ -63,22 +63,30 @@ def prompt_scores(logits: jax.Array, tokens: jax.Array) -> PromptScores:
 
 
 def prefill(
-    params: Any, model: Model, tokens: jax.Array, lengths: jax.Array, cache: KVCache, score: bool
+    params: Any,
+    model: Model,
+    tokens: jax.Array,
+    positions: jax.Array,
+    last: jax.Array,
+    cache: KVCache,
+    score: bool,
 ) -> tuple[jax.Array, KVCache, PromptScores | None]:
-    """Runs right-padded prompt tokens [B, P] i32 (true lengths [B] >= 1) into an empty `cache` of at
-    least P positions; returns the logits at each prompt's last token [B, V] f32, the cache, and with
-    `score` the prompt's scores (which needs every position's logits; otherwise only the last is computed).
+    """Runs prompt tokens [B, P] i32 at `positions` [B, P] into an empty `cache` of at least P positions.
+
+    A row is one right-padded prompt (positions 0..P-1, last [B, 1] its last token's index) or several
+    prompts packed back to back (each one's positions from 0, last [B, R] their last tokens' indices;
+    padding after them at position 0). Returns the logits at `last` [B, R, V] f32, the cache, and with
+    `score` the prompt's scores (one prompt per row; needs every position's logits, otherwise only those
+    at `last` are computed).
     """
-    B, P = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     if not score:
-        last, cache = forward_last(
-            params, model.config, tokens, positions, cache, lengths, model.dtype, model.qkv_groups
+        logits, cache = forward_last(
+            params, model.config, tokens, positions, cache, last, model.dtype, model.qkv_groups
         )
-        return last, cache, None
+        return logits, cache, None
     logits, cache = forward(params, model.config, tokens, positions, cache, model.dtype, model.qkv_groups)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache, prompt_scores(logits, tokens)
+    at_last = jnp.take_along_axis(logits, last[:, :, None], axis=1)
+    return at_last, cache, prompt_scores(logits, tokens)
 
 
 def start(
@@ -168,18 +176,24 @@ def decode(
     max_steps: int,
     last_position: int,
     tables: structured.Tables | None = None,
+    steps: jax.Array | None = None,
 ) -> tuple[jax.Array, DecodeState, sampling.SampleOutput]:
-    """Up to `max_steps` decode steps, ending once every row is done; returns (steps run, final state,
-    outputs stacked [max_steps, B, ...] with token -1 for rows done and for the steps not run)."""
-    return steps_until_done(lambda s: step(params, model, s, last_position, tables), state, max_steps)
+    """Up to `max_steps` decode steps (fewer with `steps`, a traced i32 <= max_steps), ending once every
+    row is done; returns (steps run, final state, outputs stacked [max_steps, B, ...] with token -1 for
+    rows done and for the steps not run)."""
+    one_step = lambda s: step(params, model, s, last_position, tables)
+    return steps_until_done(one_step, state, max_steps, steps)
 
 
 def steps_until_done(
-    one_step: Callable[[Any], tuple[Any, sampling.SampleOutput]], state: Any, max_steps: int
+    one_step: Callable[[Any], tuple[Any, sampling.SampleOutput]],
+    state: Any,
+    max_steps: int,
+    steps: jax.Array | None = None,
 ) -> tuple[jax.Array, Any, sampling.SampleOutput]:
-    """Runs `state, out = one_step(state)` up to `max_steps` times, stopping once every row of
-    `state.done` is; returns (steps run, final state, outputs stacked [max_steps, ...], token -1 for
-    the steps not run).
+    """Runs `state, out = one_step(state)` up to `max_steps` times (or `steps`, traced, at most that),
+    stopping once every row of `state.done` is; returns (steps run, final state, outputs stacked
+    [max_steps, ...], token -1 for the steps not run).
 
     A `lax.while_loop` rather than a fixed-length `lax.scan`, so that a chunk whose rows all finish early
     (or were done from the start) stops there; at full length it is as fast as the scan.
@@ -187,7 +201,7 @@ def steps_until_done(
 
     def unfinished(carry) -> jax.Array:
         i, state, _ = carry
-        return (i < max_steps) & ~jnp.all(state.done)
+        return (i < limit) & ~jnp.all(state.done)
 
     def body(carry):
         i, state, outs = carry
@@ -195,6 +209,7 @@ def steps_until_done(
         write = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)
         return i + 1, state, jax.tree.map(write, outs, out)
 
+    limit = max_steps if steps is None else jnp.minimum(steps, max_steps)
     _, out = jax.eval_shape(one_step, state)
     outs = jax.tree.map(lambda a: jnp.zeros((max_steps, *a.shape), a.dtype), out)
     outs = outs._replace(token=jnp.full(outs.token.shape, -1, jnp.int32))

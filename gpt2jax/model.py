@@ -4,12 +4,13 @@ Parameter names are OpenAI's checkpoint names, so `model.init(...)["params"]` an
 the same tree: ``wte, wpe, h0..h{n-1}/{ln_1,attn/{c_attn,c_proj},ln_2,mlp/{c_fc,c_proj}}, ln_f``, with
 ``w`` of shape [in, out] and LayerNorm scale/offset ``g``/``b``.
 
-Every call goes through a preallocated KV cache: tokens [B, T] at absolute `positions` [B, T] are written
-into the cache at those positions, then attend to every cache entry at a position <= their own. This one
-path serves a full-sequence forward (a fresh cache of length T), a padded batch prefill (each row's
-padding sits after its last real token, so no real token ever sees it) and a decode step (T = 1, each row
-at its own position). Entries beyond a row's position are never read, so stale or padded entries are
-harmless until they are overwritten.
+Every call goes through a preallocated KV cache: a row's tokens [T] are written into its cache as one
+slice from index positions[0], then each attends to the entries from its own sequence's start up to
+itself. This one path serves a full-sequence forward (a fresh cache of length T), a padded batch prefill
+(each row's padding sits after its last real token, so no real token ever sees it), a packed prefill
+(several prompts back to back in one row, each one's positions counting from 0: none sees another) and
+a decode step (T = 1, each row at its own position). Entries beyond a row's position are never read, so
+stale or padded entries are harmless until they are overwritten.
 """
 
 from __future__ import annotations
@@ -242,7 +243,10 @@ class Attention(nn.Module):
         else:
             k_cache = write_cache(k_cache, k.astype(k_cache.dtype), start)
             v_cache = write_cache(v_cache, v.astype(v_cache.dtype), start)
-            visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]  # (B, T, S)
+            # Token t sits at cache index start + t; its sequence began `positions` entries before it.
+            index = (start[:, None] + jnp.arange(T))[:, :, None]  # (B, T, 1)
+            keys = jnp.arange(k_cache.shape[2])[None, None, :]
+            visible = (keys <= index) & (keys >= index - positions[:, :, None])  # (B, T, S)
             out = attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), visible)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, E) when H = n_head
         return Conv1D(cfg.n_embd, self.dtype, name="c_proj")(out), (k_cache, v_cache)
@@ -289,7 +293,9 @@ class GPT2(nn.Module):
     ) -> tuple[jax.Array, KVCache]:
         """tokens, positions [B, T] -> logits [B, T, n_vocab] (fp32) and the updated cache.
 
-        Positions of one row must be consecutive (the row's tokens are written as one slice).
+        A row's tokens are written as one slice from cache index positions[:, 0]; its positions either
+        count on from there, or restart at 0 for each of several sequences packed back to back (then
+        positions[:, 0] must be 0 and the cache fresh).
         With hidden_only, returns the final hidden states [B, T, n_embd] instead of logits.
         """
         cfg = self.config
@@ -339,11 +345,12 @@ def forward_last(
     tokens: jax.Array,
     positions: jax.Array,
     cache: KVCache,
-    lengths: jax.Array,
+    last: jax.Array,
     dtype: Any = None,
     qkv_groups: int = 1,
 ) -> tuple[jax.Array, KVCache]:
-    """Like `forward`, but logits [B, V] only at each row's last real token (index lengths - 1).
+    """Like `forward`, but logits [B, R, V] only at the token indices last [B, R] i32 (each prompt's last
+    token: one per row of a padded batch, or R prompts packed in one row).
 
     A prefill needs no other: the vocabulary projection is a third of a 124M model's weights, so
     projecting every prompt position costs about half as much again as the rest of the prefill.
@@ -352,8 +359,8 @@ def forward_last(
     hidden, cache = forward(
         params, config, tokens, positions, cache, dtype, qkv_groups, hidden_only=True
     )  # (B, T, E)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # (B, 1, E)
-    return unembed(last, params["wte"], dtype)[:, 0], cache
+    hidden = jnp.take_along_axis(hidden, last[:, :, None], axis=1)  # (B, R, E)
+    return unembed(hidden, params["wte"], dtype), cache
 
 
 def init_params(config: GPT2Config, rng: jax.Array) -> Any:

@@ -85,7 +85,11 @@ class Sampler:
         if self.layout is not None:
             split_rows = B % self.layout.data == 0
             cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows))
-        last, cache, scores = decode.prefill(params, self.model, tokens, lengths, cache, score_prompt)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        last, cache, scores = decode.prefill(
+            params, self.model, tokens, positions, (lengths - 1)[:, None], cache, score_prompt
+        )
+        last = last[:, 0]
         eos = jnp.full((B,), self.config.eos_token_id, jnp.int32)
         state, out = decode.start(last, lengths, max_tokens, eos, want_top, sp, cache_len - 1)
         return state._replace(cache=cache), out, scores

@@ -75,8 +75,11 @@ class FakePrograms(DevicePrograms):
         self.slots = self.local_slots = slots
         self.chunk_size = chunk_size
         self.windows = (n_ctx,)
+        self.prefill_tokens = n_ctx
         self.ends = {tuple(p): e for p, e in (ends or {}).items()}
-        self.calls: list[tuple] = []  # ("prefill", prompts), ("insert", slot, prompt), ("decode", live slots)
+        self.calls: list[
+            tuple
+        ] = []  # ("prefill", prompts), ("insert", slot, prompt), ("decode", live slots, steps)
         self.generated: Counter[tuple[int, ...]] = Counter()  # tokens emitted per prompt (end-of-text too)
         self.cv = threading.Condition()  # guards the record and the gate
         self._allowed: int | None = None  # decode calls that may still run; None: all
@@ -124,10 +127,10 @@ class FakePrograms(DevicePrograms):
             np.zeros(S, np.int64), zeros(), zeros(), zeros() - 1, zeros() - 1, np.ones(S, bool), ((),) * S
         )
 
-    def prefill_rows(self, bucket: int, score: bool = False) -> int:
+    def prefill_rows(self, length: int, score: bool = False) -> int:
         return 1 if score else 4
 
-    def prefill(self, prompts: Sequence[Sequence[int]], bucket: int, score: bool) -> list[Prefilled]:
+    def prefill(self, prompts: Sequence[Sequence[int]], length: int, score: bool) -> list[Prefilled]:
         """The fake's "KV cache" of a prompt is the prompt itself, [1, P]; its prompt scores are 0."""
         self._record("prefill", [tuple(p) for p in prompts])
         out = []
@@ -165,18 +168,26 @@ class FakePrograms(DevicePrograms):
         return list(range(rows))
 
     def decode(
-        self, state: FakeState, active: np.ndarray, window: int | None = None, rows: int | None = None
+        self,
+        state: FakeState,
+        active: np.ndarray,
+        window: int | None = None,
+        rows: int | None = None,
+        steps: int | None = None,
     ) -> tuple[FakeState, SampleOutput]:
         rows = rows or self.local_slots
         s = _copy(state)
         s.done[:rows] |= ~np.asarray(active, bool)[:rows]
+        run = min(steps or self.chunk_size, self.chunk_size)
         with self.cv:
-            self.calls.append(("decode", tuple(np.flatnonzero(~s.done[:rows]).tolist())))
+            self.calls.append(("decode", tuple(np.flatnonzero(~s.done[:rows]).tolist()), run))
             self.cv.notify_all()
             assert self.cv.wait_for(lambda: self._allowed is None or self._allowed > 0, HANG), "held too long"
             if self._allowed is not None:
                 self._allowed -= 1
-        tokens = np.stack([self._step(s, range(rows)) for _ in range(self.chunk_size)])
+        tokens = np.full((self.chunk_size, rows), -1, np.int32)
+        for t in range(run):
+            tokens[t] = self._step(s, range(rows))
         return s, _outputs(tokens)
 
     def program_names(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> list[tuple]:

@@ -172,12 +172,12 @@ def test_the_setting_reaches_the_engine(monkeypatch):
 
 
 def test_batch_invariant_programs_have_one_shape_each():
-    from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_row_counts
+    from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_rows
 
     assert decode_windows(128, 1024) == (128, 256, 512, 1024) and decode_windows(128, 1024, True) == (1024,)
-    assert decode_row_counts(16) == (1, 4, 16) and decode_row_counts(16, True) == (16,)
-    assert prefill_row_counts(32, 16, False) == (1, 4, 16)
-    assert prefill_row_counts(32, 16, False, True) == prefill_row_counts(32, 16, True) == (1,)
+    assert decode_row_counts(16) == (1, 4, 8, 16) and decode_row_counts(16, True) == (16,)
+    assert [prefill_rows(n, 16, False) for n in (16, 32, 64, 256, 512, 1024)] == [1, 2, 4, 16, 16, 1]
+    assert prefill_rows(256, 16, False, True) == prefill_rows(256, 16, True) == 1
 
 
 def test_seeded_requests_give_the_same_results_together_and_alone(rand_small):

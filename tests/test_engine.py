@@ -181,9 +181,9 @@ def test_results_are_the_same_alone_and_batched(mixed):
 def test_decode_runs_only_the_leading_slots_that_are_busy(lm, engine, monkeypatch):
     real, rows_seen = engine.programs.decode, []
 
-    def spy(state, active, window, rows=None):
+    def spy(state, active, window, rows=None, steps=None):
         rows_seen.append((rows, int(active.sum())))
-        return real(state, active, window, rows)
+        return real(state, active, window, rows, steps)
 
     monkeypatch.setattr(engine.programs, "decode", spy)
     asyncio.run(collect(engine, long_request(lm)))
@@ -348,9 +348,9 @@ def test_a_late_request_waits_for_one_chunk_not_two(lm, engine, monkeypatch):
     assert 1 in in_flight["decode"]  # the chunks run while all slots were busy were pipelined
 
 
-def test_prompts_admitted_together_prefill_in_the_smallest_compiled_batch(lm, engine, monkeypatch):
-    """Three prompts admitted in one wave take a 4-row prefill (compiled for 1, 4 and the full 8 rows
-    here), not one padded to 8; their results are the ones they get alone."""
+def test_prompts_admitted_together_prefill_packed_in_one_row(lm, engine, monkeypatch):
+    """Three prompts admitted in one wave are prefilled back to back in one row (of 64 tokens: the
+    shortest that takes three prompts, 64 // 16), one call; their results are the ones they get alone."""
 
     def greedy(prompt: str) -> GenerationRequest:
         return GenerationRequest.of(prompt=tuple(lm.tokenizer.encode(prompt)), max_tokens=5, temperature=0.0)
@@ -360,9 +360,9 @@ def test_prompts_admitted_together_prefill_in_the_smallest_compiled_batch(lm, en
     rows = []
     real = engine.programs._prefill_program
 
-    def record(score, n):
-        rows.append(n)
-        return real(score, n)
+    def record(score, length):
+        rows.append(length)
+        return real(score, length)
 
     monkeypatch.setattr(engine.programs, "_prefill_program", record)
 
@@ -374,8 +374,9 @@ def test_prompts_admitted_together_prefill_in_the_smallest_compiled_batch(lm, en
         await running.aclose()
         return [t[0].text for t in texts]
 
+    assert sum(len(lm.tokenizer.encode(p)) for p in PROMPTS[:3]) <= 64
     assert asyncio.run(go()) == alone
-    assert rows == [4], rows
+    assert rows == [64], rows
 
 
 def test_full_queue_refuses_at_once_and_long_waits_are_refused(lm, engine, monkeypatch):

@@ -89,6 +89,29 @@ def test_kv_cached_decoding_matches_hf(model, hf):
     assert np.abs(np.concatenate(outs, axis=1) - ref).max() <= 1e-4
 
 
+def test_prompts_packed_in_one_row_match_hf_each_alone(model, hf):
+    """A packed prefill row (prompts back to back, each from position 0, padding after them) gives each
+    prompt's logits and KV entries as that prompt alone does (HF), and no prompt sees another."""
+    cfg = model.config
+    prompts = [random_tokens(cfg.n_vocab, (n,), seed=10 + n) for n in PROMPT_LENGTHS]
+    T = 80  # 71 tokens of prompts, 9 of padding
+    tokens, positions, offsets = np.zeros((1, T), np.int32), np.zeros((1, T), np.int32), []
+    at = 0
+    for p in prompts:
+        tokens[0, at : at + len(p)], positions[0, at : at + len(p)] = p, np.arange(len(p))
+        offsets.append(at)
+        at += len(p)
+    logits, cache = forward(model.params, cfg, tokens, positions, init_cache(cfg, 1, T))
+    logits = np.asarray(logits)
+    for p, at in zip(prompts, offsets, strict=True):
+        ref = hf_logits(hf, p[None])[0]
+        assert np.abs(logits[0, at : at + len(p)] - ref).max() <= 1e-4
+        _, alone = forward(model.params, cfg, p[None], np.arange(len(p))[None], init_cache(cfg, 1, len(p)))
+        for (k, v), (ka, va) in zip(cache, alone, strict=True):
+            assert np.abs(np.asarray(k)[0, :, at : at + len(p)] - np.asarray(ka)[0]).max() <= 1e-5
+            assert np.abs(np.asarray(v)[0, :, at : at + len(p)] - np.asarray(va)[0]).max() <= 1e-5
+
+
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():

@@ -81,6 +81,7 @@ class Recorder:
 
     windows = (32, 64)
     local_slots = 4
+    chunk_size = 8
     config = gpt2jax.GPT2Config(n_vocab=512, n_ctx=64, n_embd=8, n_head=2, n_layer=1)
 
     def __init__(self, name: str) -> None:
@@ -98,8 +99,8 @@ class Recorder:
         self.calls.append(("insert", state, pre, slot, encode_row(r)))
         return state + 1, None
 
-    def decode(self, state, active, window, rows):
-        self.calls.append(("decode", state, np.asarray(active).tolist(), window, rows))
+    def decode(self, state, active, window, rows, steps):
+        self.calls.append(("decode", state, np.asarray(active).tolist(), window, rows, steps))
         return state + 1, None
 
 
@@ -113,11 +114,11 @@ def test_followers_make_the_leaders_calls_in_its_order():
     sa, sb = led[0].init_state(), led[1].init_state()
     pre = led[0].prefill([[1, 2, 3]], 16, True)
     sa, _ = led[0].insert(sa, pre[0], 5, row())
-    sb, _ = led[1].decode(sb, np.array([True, False, True, True]), 64, 1)
+    sb, _ = led[1].decode(sb, np.array([True, False, True, True]), 64, 1, 3)
     long_prompt = list(range(300))  # a payload over the smallest broadcast size
     pre = led[1].prefill([[7], long_prompt], 512, False)
     sb, _ = led[1].insert(sb, pre[1], 0, row(logit_bias=None))  # the second prompt of the batch
-    sa, _ = led[0].decode(sa, np.array([False, True]))  # no window nor rows: the largest
+    sa, _ = led[0].decode(sa, np.array([False, True]))  # no window, rows nor steps: the largest
     leader.send(NOOP)
     leader.stop()
 
@@ -130,7 +131,8 @@ def test_followers_make_the_leaders_calls_in_its_order():
     assert [c[0] for c in followers[0].calls] == ["init", "prefill", "insert", "decode"]
     assert followers[1].calls[2] == ("prefill", [[7], long_prompt], 512, False)
     assert followers[1].calls[3][2] == f"prefilled {long_prompt}"
-    assert followers[0].calls[3][-2:] == (64, 4)
+    assert followers[0].calls[3][-3:] == (64, 4, 8)
+    assert followers[1].calls[1][-3:] == (64, 1, 3)
 
 
 def test_each_process_meets_the_others_once_before_its_first_broadcast():

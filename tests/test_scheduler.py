@@ -153,6 +153,68 @@ def test_waiting_requests_start_in_the_order_they_came(tok):
         assert_full(outcome, prompt)
 
 
+def test_prompts_admitted_together_are_packed_into_prefill_rows(tok):
+    WAITING = (B, D, D, C, C, C, E)  # 40, 20, 20, 1, 1, 1, 2 tokens
+    fake = FakePrograms(slots=8)
+    fake.prefill_tokens = 64
+    with engine_on(fake, tok) as engine:
+
+        async def run():
+            first, later = await behind(engine, fake, A, *WAITING)
+            fake.release()
+            return await asyncio.gather(first, *later)
+
+        outcomes = asyncio.run(run())
+    # Waiting prompts go in order into rows of at most 64 tokens and the fake's 4 prompts; each row is one
+    # prefill call. (A came alone, before the others.)
+    rows = [c[1] for c in fake.calls if c[0] == "prefill"]
+    assert rows == [[A], [B, D], [D, C, C, C], [E]]
+    for prompt, outcome in zip((A, *WAITING), outcomes, strict=True):
+        assert_full(outcome, prompt)
+
+
+def test_while_requests_wait_a_chunk_ends_where_a_row_reaches_max_tokens_and_its_slot_refills(tok):
+    fake = FakePrograms(slots=2, chunk_size=8)
+    with engine_on(fake, tok) as engine:
+
+        async def run():
+            first, _ = await behind(engine, fake, A, max_tokens=20)  # its first chunk (8 steps) is held
+            b = asyncio.create_task(consume(engine, B, 3))
+            await until(engine, lambda e: e.queue_length == 1)
+            later = [b, *await queue(engine, C, D)]  # max_tokens 4
+            fake.release()
+            return await asyncio.gather(first, *later)
+
+        outcomes = asyncio.run(run())
+    assert_full(outcomes[0], A, 20)
+    for outcome, prompt, n in zip(outcomes[1:], (B, C, D), (3, 4, 4), strict=True):
+        assert_full(outcome, prompt, n)
+    decodes = [c[1:] for c in fake.calls if c[0] == "decode"]
+    # B (3 tokens, the first from insert) needs 2 steps, C 3: with requests waiting, each chunk ends
+    # there, and the next request is prefilled into the freed slot before the next chunk.
+    assert decodes[:4] == [((0,), 8), ((0, 1), 2), ((0, 1), 3), ((0, 1), 8)]
+    order = [(c[0], c[1][0] if c[0] == "prefill" else None) for c in fake.calls if c[0] != "insert"]
+    assert order[2:8] == [
+        ("prefill", B),
+        ("decode", None),
+        ("prefill", C),
+        ("decode", None),
+        ("prefill", D),
+        ("decode", None),
+    ]
+
+
+def test_pack_fills_rows_in_order_within_their_length_and_prompt_limits():
+    from gpt2jax.engine.shapes import pack, prefill_rows
+
+    rows = lambda T: prefill_rows(T, slots=16, score=False)
+    assert pack([100, 100, 100, 100, 100, 30], rows, 512, 1024) == [(512, [0, 1, 2, 3, 4]), (32, [5])]
+    assert pack([600, 5, 5], rows, 512, 1024) == [(1024, [0]), (32, [1, 2])]  # a row of 16 takes one
+    assert pack([5, 5], lambda T: 1, 512, 1024) == [(16, [0]), (16, [1])]  # scoring: one per row
+    assert pack([3] * 20, rows, 512, 1024) == [(256, list(range(16))), (64, [16, 17, 18, 19])]
+    assert pack([], rows, 512, 1024) == []
+
+
 def test_a_request_that_needs_more_slots_than_are_free_is_not_overtaken(tok):
     fake = FakePrograms(slots=2)
     with engine_on(fake, tok) as engine:

@@ -1,7 +1,8 @@
 """Device side of the batching engine: the slot state and the jitted programs that move it.
 
-A request goes prefill (one prompt, right-padded to a length bucket) -> insert (its KV written into one
-decode slot, the slot index traced, its first token sampled with the slot's own settings) -> decode (a
+A request goes prefill (its prompt packed with others back to back into one row, padded to a length
+bucket) -> insert (its part of the row's KV written into one decode slot, the slot index and the prompt's
+offset traced, its first token sampled with the slot's own settings) -> decode (a
 chunk of steps for every slot at once, the state donated so the KV cache is updated in place; the chunk
 stops early once every slot is done). Prefill, the first token and the decode loop are gpt2jax/decode.py's,
 the same functions the notebook Sampler runs.
@@ -15,7 +16,7 @@ Everything lives on a ("data", "model") mesh (gpt2jax.sharding.Layout; default: 
 The slot axis is split over "data"; the weights and the KV cache's heads over "model" (tensor parallel;
 model 1 replicates them). Insert and decode are `shard_map`ped manually over "data" only: each data shard
 updates and decodes only its own slots, so the data axis needs no collective, while inside a shard XLA's
-SPMD partitioner splits the model over the "model" axis (two all-reduces per layer). Prefill (one prompt)
+SPMD partitioner splits the model over the "model" axis (two all-reduces per layer). Prefill (one row)
 is replicated over "data" and split over "model". One code path serves 1 device, 8, and meshes that span
 several processes (gpt2jax/engine/multihost.py then makes the outputs readable by the first process).
 """
@@ -40,7 +41,7 @@ from gpt2jax.config import GPT2Config
 from gpt2jax.decode import DecodeState
 from gpt2jax.engine.automata import DeviceAutomata
 from gpt2jax.engine.programs import DevicePrograms
-from gpt2jax.engine.shapes import decode_row_counts, decode_windows, prefill_row_counts
+from gpt2jax.engine.shapes import PREFILL_TOKENS, decode_row_counts, decode_windows, prefill_rows
 from gpt2jax.engine.slots import Prefilled, SlotRow, leading, make_row, put_row, write_back
 from gpt2jax.model import KVCache, init_cache, kernel_attention
 from gpt2jax.sharding import Layout, make_mesh
@@ -75,6 +76,7 @@ class SlotPrograms(DevicePrograms):
         self.config, self.dtype, self.slots, self.chunk_size = config, dtype, slots, chunk_size
         self.batch_invariant = batch_invariant
         self.kv_dtype = dtype if kv_dtype is None else kv_dtype
+        self.prefill_tokens = PREFILL_TOKENS
         self.model = decode.Model(config, dtype, layout.qkv_groups)
         # XLA's attention reads a window of the cache (the first `window` positions), compiled for each
         # power of two from min_window up to n_ctx: while every live row is short, a step reads a
@@ -107,17 +109,17 @@ class SlotPrograms(DevicePrograms):
         self.automata = DeviceAutomata(config.n_vocab, slots, self.put, rep, rows, state_s)  # structured
 
         self._init = jax.jit(self._init_impl, out_shardings=state_s)
-        self._prefill: dict[tuple[bool, int], Any] = {}  # (score, rows) -> jitted; see _prefill_program
+        self._prefill: dict[tuple[bool, int], Any] = {}  # (score, length) -> jitted; see _prefill_program
         self._first = jax.jit(self._first_impl, in_shardings=(rep, rep, rep), out_shardings=rep)
         insert = jax.shard_map(
             self._insert_local,
             mesh=self.mesh,
-            in_specs=(P(AXIS), P(), P(), P()),
+            in_specs=(P(AXIS), P(), P(), P(), P()),
             out_specs=P(AXIS),
             axis_names=manual,
         )
         self._insert = jax.jit(
-            insert, in_shardings=(state_s, kv, rep, rep), out_shardings=state_s, donate_argnums=0
+            insert, in_shardings=(state_s, kv, rep, rep, rep), out_shardings=state_s, donate_argnums=0
         )
         self._decode = {}
         for window in self.windows:
@@ -125,14 +127,14 @@ class SlotPrograms(DevicePrograms):
                 program = jax.shard_map(
                     partial(self._decode_local, window=window, rows=n),
                     mesh=self.mesh,
-                    in_specs=(P(), P(AXIS), P(AXIS), P()),
+                    in_specs=(P(), P(AXIS), P(AXIS), P(), P()),
                     out_specs=(P(AXIS), P(None, AXIS)),
                     axis_names=manual,
                     check_vma=False,  # sampling's lax.conds mix per-device and constant values
                 )
                 self._decode[window, n] = jax.jit(
                     program,
-                    in_shardings=(params_s, state_s, rows, rep),
+                    in_shardings=(params_s, state_s, rows, rep, rep),
                     out_shardings=(state_s, steps),
                     donate_argnums=1,
                 )
@@ -160,25 +162,21 @@ class SlotPrograms(DevicePrograms):
         )
 
     def _prefill_impl(
-        self, params: Any, tokens: jax.Array, lengths: jax.Array, score: bool
-    ) -> tuple[Prefilled, ...]:
-        """Prompts right-padded to one bucket, tokens [R, P], lengths [R] -> one Prefilled per row.
+        self, params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Array, score: bool
+    ) -> tuple[KVCache, tuple[jax.Array, ...], Any]:
+        """One packed row: tokens, positions [1, T] i32 (prompts back to back, each from position 0),
+        last [R] i32 each prompt's last token. Returns the row's cache, each prompt's logits [V] f32 as
+        its own output (so insert and first-token sampling compile once, whatever R), and with `score`
+        the prompt's scores (one prompt in the row).
 
-        Only the last token's logits are computed unless the prompt is scored (echo logprobs). Each row's
-        KV comes out as its own [1, ...] arrays, so that insert compiles once per bucket, whatever R.
+        Only the last tokens' logits are computed unless the prompt is scored (echo logprobs).
         """
-        R, P_ = tokens.shape
-        cache = init_cache(self.config, R, P_, self.kv_dtype, self.layout.qkv_groups)
+        cache = init_cache(self.config, 1, tokens.shape[1], self.kv_dtype, self.layout.qkv_groups)
         cache = jax.lax.with_sharding_constraint(cache, self.layout.cache_sharding(split_rows=False))
-        last, cache, scores = decode.prefill(params, self.model, tokens, lengths, cache, score)
-        return tuple(
-            Prefilled(
-                tuple((k[r : r + 1], v[r : r + 1]) for k, v in cache),
-                last[r],
-                None if scores is None else jax.tree.map(lambda a, r=r: a[r : r + 1], scores),
-            )
-            for r in range(R)
+        logits, cache, scores = decode.prefill(
+            params, self.model, tokens, positions, last[None], cache, score
         )
+        return cache, tuple(logits[0, r] for r in range(last.shape[0])), scores
 
     def _first_impl(self, logits: jax.Array, row: SlotRow, tables: Any) -> tuple[DecodeState, Any]:
         """A slot's first token, sampled exactly as the notebook Sampler samples after its prefill.
@@ -200,25 +198,42 @@ class SlotPrograms(DevicePrograms):
         )
 
     def _insert_local(
-        self, state: DecodeState, kv: KVCache, row: DecodeState, slot: jax.Array
+        self, state: DecodeState, kv: KVCache, row: DecodeState, slot: jax.Array, offset: jax.Array
     ) -> DecodeState:
-        """Runs on each device with its own slots; only the device holding `slot` changes anything."""
+        """Runs on each device with its own slots; only the device holding `slot` changes anything.
+
+        kv: a prefill row's cache [1, H, T, D] per layer; the prompt's entries start at `offset`. The T
+        entries from there go to the slot's first T positions (zeros past the row's end: a slot never
+        reads beyond its own position)."""
         local_slots = state.token.shape[0]
         local = slot - jax.lax.axis_index(AXIS) * local_slots
         mine = (local >= 0) & (local < local_slots)
         at = jnp.clip(local, 0, local_slots - 1)
+
+        def shifted(a: jax.Array) -> jax.Array:  # a[:, :, offset:offset + T], zero-padded past T
+            T = a.shape[2]
+            padded = jnp.pad(a, ((0, 0), (0, 0), (0, T), (0, 0)))
+            return jax.lax.dynamic_slice_in_dim(padded, offset, T, axis=2)
+
         cache = tuple(
-            (put_row(k, pk, at, mine), put_row(v, pv, at, mine))
+            (put_row(k, shifted(pk), at, mine), put_row(v, shifted(pv), at, mine))
             for (k, v), (pk, pv) in zip(state.cache, kv, strict=True)
         )
         rest = jax.tree.map(lambda d, s: put_row(d, s, at, mine), state._replace(cache=()), row)
         return rest._replace(cache=cache)
 
     def _decode_local(
-        self, params: Any, state: DecodeState, active: jax.Array, tables: Any, window: int, rows: int
+        self,
+        params: Any,
+        state: DecodeState,
+        active: jax.Array,
+        tables: Any,
+        steps: jax.Array,
+        window: int,
+        rows: int,
     ) -> tuple[DecodeState, sampling.SampleOutput]:
-        """Up to `chunk_size` steps for this device's first `rows` slots (the others are left as they
-        are); per-step outputs [chunk, rows], token -1 when done.
+        """Up to `steps` (<= chunk_size) steps for this device's first `rows` slots (the others are left
+        as they are); per-step outputs [chunk, rows], token -1 when done.
 
         The loop ends early once all these rows are done: the chunk dispatched while the host reads the
         one in which its last request finished then runs no step, instead of `chunk_size` for nothing.
@@ -231,7 +246,7 @@ class SlotPrograms(DevicePrograms):
 
         # Each device decodes its own rows: want_top is over them only, so there is no collective.
         last = self.config.n_ctx - 1
-        _, state, outs = decode.decode(params, self.model, state, self.chunk_size, last, tables)
+        _, state, outs = decode.decode(params, self.model, state, self.chunk_size, last, tables, steps)
         return write_back(full, state), outs
 
     # ---- host side ----
@@ -240,35 +255,37 @@ class SlotPrograms(DevicePrograms):
         """A fresh state: every slot empty (done)."""
         return self._init()
 
-    def prefill_rows(self, bucket: int, score: bool = False) -> int:
-        """The most prompts of this bucket that one prefill takes (see PREFILL_TOKENS); 1 when scoring."""
-        return self._prefill_row_counts(bucket, score)[-1]
+    def prefill_rows(self, length: int, score: bool = False) -> int:
+        """The most prompts one prefill row of `length` tokens takes (gpt2jax/engine/shapes.py)."""
+        return prefill_rows(length, self.slots, score, self.batch_invariant)
 
-    def _prefill_row_counts(self, bucket: int, score: bool) -> tuple[int, ...]:
-        # Compiled for 1, 4, 16, ... prompts and a full batch; a partial batch is padded to the next count.
-        # (Padded to a full batch, a wave of 2-4 late requests would pay for a 16-row prefill.)
-        return prefill_row_counts(bucket, self.slots, score, self.batch_invariant)
-
-    def _prefill_program(self, score: bool, rows: int) -> Any:
-        key = score, rows
+    def _prefill_program(self, score: bool, length: int) -> Any:
+        key = score, length
         if key not in self._prefill:
-            one = Prefilled(self.kv_sharding, self.replicated, self.replicated if score else None)
+            logits = (self.replicated,) * self.prefill_rows(length, score)
             self._prefill[key] = jax.jit(
                 partial(self._prefill_impl, score=score),
-                in_shardings=(self.params_shardings, self.replicated, self.replicated),
-                out_shardings=(one,) * rows,
+                in_shardings=(self.params_shardings, self.replicated, self.replicated, self.replicated),
+                out_shardings=(self.kv_sharding, logits, self.replicated if score else None),
             )
         return self._prefill[key]
 
-    def prefill(self, prompts: Sequence[Sequence[int]], bucket: int, score: bool) -> list[Prefilled]:
-        """Prefills up to `prefill_rows(bucket, score)` prompts of at most `bucket` tokens in one call."""
-        n = len(prompts)
-        R = next(r for r in self._prefill_row_counts(bucket, score) if r >= n)
-        tokens, lengths = np.zeros((R, bucket), np.int32), np.ones(R, np.int32)
+    def prefill(self, prompts: Sequence[Sequence[int]], length: int, score: bool) -> list[Prefilled]:
+        """Prefills up to `prefill_rows(length, score)` prompts of `length` tokens in all, packed back to
+        back in one row, in one call."""
+        R = self.prefill_rows(length, score)
+        if len(prompts) > R or sum(map(len, prompts)) > length:
+            raise ValueError(f"{len(prompts)} prompts do not fit a prefill row of {length} tokens")
+        tokens, positions = np.zeros((1, length), np.int32), np.zeros((1, length), np.int32)
+        last, offsets, at = np.zeros(R, np.int32), [], 0
         for i, prompt in enumerate(prompts):
-            tokens[i, : len(prompt)], lengths[i] = prompt, len(prompt)
-        tokens, lengths = self.put((tokens, lengths), self.replicated)
-        return list(self._prefill_program(score, R)(self.params, tokens, lengths)[:n])
+            n = len(prompt)
+            tokens[0, at : at + n], positions[0, at : at + n] = prompt, np.arange(n)
+            offsets.append(at)
+            last[i], at = at + n - 1, at + n
+        args = self.put((tokens, positions, last), self.replicated)
+        cache, logits, scores = self._prefill_program(score, length)(self.params, *args)
+        return [Prefilled(cache, logits[i], scores, offsets[i]) for i in range(len(prompts))]
 
     def put(self, tree: Any, sharding: NamedSharding) -> Any:
         """Host values onto the mesh; with several processes each places its own devices' parts (every
@@ -286,9 +303,9 @@ class SlotPrograms(DevicePrograms):
         """Puts a prefilled prompt into `slot` (donating `state`); returns the new state and the first token."""
         state, row = self.automata.place(state, row, slot)  # structured outputs: the row's first state
         # Host inputs are placed explicitly so that their shardings match the warm-up's compiled programs.
-        row, slot = self.put((row, np.int32(slot)), self.replicated)
+        row, slot, offset = self.put((row, np.int32(slot), np.int32(pre.offset)), self.replicated)
         row_state, first = self._first(pre.logits, row, self.automata.tables())
-        state = self._insert(state, pre.cache, row_state, slot)
+        state = self._insert(state, pre.cache, row_state, slot, offset)
         if self._sync:
             jax.block_until_ready(state)
         return state, first
@@ -313,22 +330,33 @@ class SlotPrograms(DevicePrograms):
         return [d * L + i for d in range(self.data_shards) for i in range(rows)]
 
     def decode(
-        self, state: DecodeState, active: np.ndarray, window: int | None = None, rows: int | None = None
+        self,
+        state: DecodeState,
+        active: np.ndarray,
+        window: int | None = None,
+        rows: int | None = None,
+        steps: int | None = None,
     ) -> tuple[DecodeState, sampling.SampleOutput]:
-        """One chunk of steps (donating `state`) for the first `rows` slots of each device (default all);
-        rows with active False are ended first. Outputs [chunk, rows x devices] (see `decoded_slots`).
+        """One chunk of `steps` steps (default and at most chunk_size; donating `state`) for the first
+        `rows` slots of each device (default all); rows with active False are ended first. Outputs
+        [chunk, rows x devices] (see `decoded_slots`; token -1 for the steps not run).
 
         window: a compiled window (see `window_for`) above every position a live row reaches in the chunk.
         """
         program = self._decode[window or self.windows[-1], rows or self.local_slots]
-        return program(self.params, state, self.put(active, self.by_slot), self.automata.tables())
+        active, steps = (
+            self.put(active, self.by_slot),
+            self.put(np.int32(steps or self.chunk_size), self.replicated),
+        )
+        return program(self.params, state, active, self.automata.tables(), steps)
 
     def program_names(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> list[tuple]:
-        """What `compile` compiles for these prefill buckets: ("init",), ("first",) (first-token sampling),
-        per bucket ("prefill", bucket, score, prompts) and ("insert", bucket), then ("decode", window, rows)."""
+        """What `compile` compiles for these prefill row lengths: ("init",), ("first",) (first-token
+        sampling), per length ("prefill", length, score, prompts) and ("insert", length), then ("decode",
+        window, rows)."""
         names: list[tuple] = [("init",), ("first",)]
         for b in buckets:
-            names += [("prefill", b, s, R) for s in score for R in self._prefill_row_counts(b, s)]
+            names += [("prefill", b, s, self.prefill_rows(b, s)) for s in score]
             names.append(("insert", b))
         return names + [("decode", *key) for key in self._decode]
 
@@ -372,14 +400,19 @@ class SlotPrograms(DevicePrograms):
             if kind == "first":
                 return self._first.lower(logits, row, tables)
             if kind == "prefill":
-                bucket, s, R = key
-                return self._prefill_program(s, R).lower(params, ints(R, bucket), ints(R))
+                length, s, R = key
+                return self._prefill_program(s, length).lower(
+                    params, ints(1, length), ints(1, length), ints(R)
+                )
             if kind == "insert":
-                pre = jax.eval_shape(self._prefill_program(False, 1), params, ints(1, key[0]), ints(1))[0]
-                kv = like(pre.cache, self.kv_sharding)
-                return self._insert.lower(state, kv, row_state(), like(np.int32(0), rep))
+                T, R = key[0], self.prefill_rows(key[0])
+                cache = jax.eval_shape(
+                    self._prefill_program(False, T), params, ints(1, T), ints(1, T), ints(R)
+                )[0]
+                kv, at = like(cache, self.kv_sharding), like(np.int32(0), rep)
+                return self._insert.lower(state, kv, row_state(), at, at)
             active = like(np.zeros(self.slots, bool), self.by_slot)
-            return self._decode[tuple(key)].lower(params, state, active, tables)
+            return self._decode[tuple(key)].lower(params, state, active, tables, like(np.int32(0), rep))
 
         names = self.program_names(buckets, score) if only is None else only
         threads = threads or os.cpu_count() or 1

@@ -42,8 +42,8 @@ class LeaderPrograms(DevicePrograms):
     def __getattr__(self, name: str) -> Any:  # the attributes: config, slots, local_slots, windows, ...
         return getattr(self.inner, name)
 
-    def prefill_rows(self, bucket: int, score: bool = False) -> int:
-        return self.inner.prefill_rows(bucket, score)
+    def prefill_rows(self, length: int, score: bool = False) -> int:
+        return self.inner.prefill_rows(length, score)
 
     def window_for(self, end: int) -> int:
         return self.inner.window_for(end)
@@ -68,10 +68,10 @@ class LeaderPrograms(DevicePrograms):
             self.channel.send(wire.INIT, self.index)
             return self.inner.init_state()
 
-    def prefill(self, prompts: Sequence[Sequence[int]], bucket: int, score: bool) -> Any:
+    def prefill(self, prompts: Sequence[Sequence[int]], length: int, score: bool) -> Any:
         with self.channel.lock:
-            self.channel.send(wire.PREFILL, self.index, bucket, int(score), wire.encode_prompts(prompts))
-            self._prefilled = self.inner.prefill(prompts, bucket, score)
+            self.channel.send(wire.PREFILL, self.index, length, int(score), wire.encode_prompts(prompts))
+            self._prefilled = self.inner.prefill(prompts, length, score)
             return self._prefilled
 
     def insert(self, state: Any, pre: Any, slot: int, row: Any) -> Any:
@@ -81,13 +81,20 @@ class LeaderPrograms(DevicePrograms):
             return self.inner.insert(state, pre, slot, row)
 
     def decode(
-        self, state: Any, active: np.ndarray, window: int | None = None, rows: int | None = None
+        self,
+        state: Any,
+        active: np.ndarray,
+        window: int | None = None,
+        rows: int | None = None,
+        steps: int | None = None,
     ) -> Any:
         window = window or self.inner.windows[-1]
         rows = rows or self.inner.local_slots
+        steps = steps or self.inner.chunk_size
         with self.channel.lock:
-            self.channel.send(wire.DECODE, self.index, window, rows, np.asarray(active, np.bool_).tobytes())
-            return self.inner.decode(state, active, window, rows)
+            payload = np.asarray(active, np.bool_).tobytes()
+            self.channel.send(wire.DECODE, self.index, window, rows, payload, steps)
+            return self.inner.decode(state, active, window, rows, steps)
 
 
 def lead(engine: Any, index: int, channel: Channel) -> Any:
@@ -108,7 +115,7 @@ def follow(programs: Sequence[Any], channel: Channel) -> None:
     states: list[Any] = [None] * len(programs)
     prefilled: list[Any] = [None] * len(programs)
     while True:
-        op, i, a, b, payload = channel.receive()
+        op, i, a, b, c, payload = channel.receive()
         if op == wire.STOP:
             log.info("process 0 stopped: leaving")
             return
@@ -124,7 +131,7 @@ def follow(programs: Sequence[Any], channel: Channel) -> None:
                 row = wire.decode_row(payload, p.config.n_vocab)
                 states[i], _ = p.insert(states[i], prefilled[i][b], a, row)
             elif op == wire.DECODE:
-                states[i], _ = p.decode(states[i], np.frombuffer(payload, np.bool_).copy(), a, b)
+                states[i], _ = p.decode(states[i], np.frombuffer(payload, np.bool_).copy(), a, b, c)
             else:
                 raise ValueError(f"unknown call {op}")
         except Exception:

@@ -2,7 +2,9 @@
 all of them, get one `Completion` per choice in request order.
 
 Every request enters the engine's queue together, so they share the decode slots as HTTP requests do: a
-short completion leaves its slot as soon as it ends and the next waiting prompt takes it. The engine's
+short completion leaves its slot as soon as it ends and the next waiting prompt takes it. They enter
+longest max_tokens first (the longest-processing-time rule): short ones then fill the slots that long
+ones leave free towards the end, instead of long ones running on with few rows beside them. The engine's
 asyncio side runs on a private event loop in its own thread, so this works inside a running loop
 (Jupyter) as well as outside one.
 """
@@ -43,7 +45,10 @@ def run_all(engine: Engine, requests: Sequence[GenerationRequest]) -> list[list[
         return [_completion(i, index, parts, request) for index, parts in sorted(events.items())]
 
     async def main() -> list[list[Completion]]:
-        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+        order = sorted(range(len(requests)), key=lambda i: -requests[i].params.max_tokens)
+        done = await asyncio.gather(*(one(i, requests[i]) for i in order))
+        by_request = dict(zip(order, done, strict=True))
+        return [by_request[i] for i in range(len(requests))]
 
     with ThreadPoolExecutor(1, thread_name_prefix="gpt2jax-offline") as pool:
         return pool.submit(asyncio.run, main()).result()

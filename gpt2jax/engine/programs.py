@@ -34,22 +34,25 @@ class DevicePrograms(Protocol):
     local_slots: int  # L, slots per data shard
     chunk_size: int  # T, decode steps per decode call
     windows: tuple[int, ...]  # the KV-cache windows decode runs over, ascending; the last is n_ctx
+    prefill_tokens: int  # the longest prefill row that packs several prompts
 
     def init_state(self) -> Any:
         """A fresh decode state: every slot empty (done). SlotPrograms: a decode.DecodeState, each field
         with a leading [S] slot dim (the KV cache [S, n_head, n_ctx, head_dim] per layer)."""
         ...
 
-    def prefill_rows(self, bucket: int, score: bool = False) -> int:
-        """The most prompts of this length bucket that one `prefill` takes (1 when scoring)."""
+    def prefill_rows(self, length: int, score: bool = False) -> int:
+        """The most prompts that one `prefill` row of `length` tokens takes (1 when scoring)."""
         ...
 
-    def prefill(self, prompts: Sequence[Sequence[int]], bucket: int, score: bool) -> list[Prefilled]:
-        """Prefills up to `prefill_rows(bucket, score)` prompts of at most `bucket` tokens in one call.
+    def prefill(self, prompts: Sequence[Sequence[int]], length: int, score: bool) -> list[Prefilled]:
+        """Prefills up to `prefill_rows(length, score)` prompts of `length` tokens in all in one call,
+        packed back to back in one row (a length of `prefill_tokens` at most when there are several).
 
-        One Prefilled per prompt, in order: cache (per layer (k, v) [1, n_head, bucket, head_dim]), logits
-        [V] f32 at the last prompt token, scores (PromptScores: logprob [1, bucket] f32, top_tokens and
-        top_logprobs [1, bucket, K]) when `score`, else None."""
+        One Prefilled per prompt, in order: cache (the row's, per layer (k, v) [1, n_head, length,
+        head_dim]; the prompt's entries from `offset`), logits [V] f32 at the last prompt token, scores
+        (PromptScores: logprob [1, length] f32, top_tokens and top_logprobs [1, length, K]) when
+        `score`, else None."""
         ...
 
     def insert(self, state: Any, pre: Prefilled, slot: int, row: SlotRow) -> tuple[Any, SampleOutput]:
@@ -75,19 +78,26 @@ class DevicePrograms(Protocol):
         ...
 
     def decode(
-        self, state: Any, active: np.ndarray, window: int | None = None, rows: int | None = None
+        self,
+        state: Any,
+        active: np.ndarray,
+        window: int | None = None,
+        rows: int | None = None,
+        steps: int | None = None,
     ) -> tuple[Any, SampleOutput]:
-        """Up to T steps for the first `rows` slots of each shard (default L), donating `state`.
+        """Up to `steps` (default and at most T) steps for the first `rows` slots of each shard (default
+        L), donating `state`; fewer once every row is done.
 
         active: [S] bool; rows where it is False are ended first. window: of `windows` (default the
         largest), above every position a live row reaches in the chunk. Returns the new state and the
         per-step outputs: token [T, rows x D] i32 (columns as `decoded_slots`; -1 where the row is done),
-        logprob [T, rows x D] f32, top_tokens and top_logprobs [T, rows x D, K]."""
+        logprob [T, rows x D] f32, top_tokens and top_logprobs [T, rows x D, K]; token -1 for the steps not
+        run."""
         ...
 
     def program_names(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> list[tuple]:
-        """What `compile` compiles for these prefill buckets: ("init",), ("first",), per bucket
-        ("prefill", bucket, score, prompts) and ("insert", bucket), then ("decode", window, rows)."""
+        """What `compile` compiles for these prefill row lengths: ("init",), ("first",), per length
+        ("prefill", length, score, prompts) and ("insert", length), then ("decode", window, rows)."""
         ...
 
     def compile(

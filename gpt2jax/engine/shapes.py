@@ -1,7 +1,8 @@
 """The shapes the engine's programs are compiled for: several, picked by load (fast), or one (batch-invariant).
 
 Fast (the default): decode is compiled for a few cache windows and a few numbers of leading slots per
-device, prefill for 1, 4, 16, ... prompts at once, and each call runs the smallest that covers its work.
+device, prefill for rows of a few lengths holding one prompt or several back to back, and each call runs
+the smallest that covers its work.
 But XLA picks its kernels, and with them the order of each sum, by shape: a row's logits differ in their
 last bits with the shape of the call that computed them, hence with what runs beside it. One row's logits
 after one decode step, 2-core CPU: rand-small gave 3 distinct results over 1-16 rows x windows 64-256 (1
@@ -12,15 +13,23 @@ hold changed nothing. A seeded sample drawn within a rounding error of a boundar
 of the text with it.
 
 Batch-invariant: decode always runs every slot over the whole context, prefill one prompt per call (the
-length bucket is the prompt's own). A request's arithmetic is then the same whatever else runs.
+row is the prompt's own length bucket). A request's arithmetic is then the same whatever else runs.
 """
 
 from __future__ import annotations
 
-# A batched prefill covers at most this many prompt positions (rows x bucket). A prefill of one short
-# prompt is a skinny matmul far below the machine's peak (benchmarks/README.md, "Engine defaults"); longer
-# prompts fill the matmuls by themselves, and a bigger batch would hold up the running streams for longer.
+from collections.abc import Callable, Sequence
+
+from gpt2jax.sampler import bucket
+
+# A prefill packs several prompts back to back into one row of at most this many tokens (a prompt longer
+# than that is prefilled alone). A prefill of one short prompt is a skinny matmul far below the machine's
+# peak (benchmarks/README.md, "Engine defaults"); longer rows fill the matmuls by themselves, and a longer
+# one would hold up the running streams for longer.
 PREFILL_TOKENS = 512
+# The most prompts a packed row of T tokens takes is T // MIN_PROMPT_SPACE (at least 1): each prompt's
+# logits are computed at its last token, and this bounds that projection to a small share of the row's work.
+MIN_PROMPT_SPACE = 16
 
 
 def counts_up_to(most: int) -> tuple[int, ...]:
@@ -42,15 +51,49 @@ def decode_windows(smallest: int, n_ctx: int, batch_invariant: bool = False) -> 
 
 
 def decode_row_counts(local_slots: int, batch_invariant: bool = False) -> tuple[int, ...]:
-    """The numbers of leading slots per device that decode is compiled for."""
-    return (local_slots,) if batch_invariant else counts_up_to(local_slots)
+    """The numbers of leading slots per device that decode is compiled for: 1, 4, 16, ..., half of them
+    and all of them (half: the last long requests of a batch often run on in the first half)."""
+    if batch_invariant:
+        return (local_slots,)
+    counts = counts_up_to(local_slots)
+    return tuple(sorted({*counts, local_slots // 2} - {0}))
 
 
-def prefill_row_counts(
-    bucket: int, slots: int, score: bool, batch_invariant: bool = False
-) -> tuple[int, ...]:
-    """The numbers of prompts of one length bucket that prefill is compiled for; the last is the most one
-    call takes (see PREFILL_TOKENS; 1 when scoring the prompt, or when batch-invariant)."""
-    if score or batch_invariant:
-        return (1,)
-    return counts_up_to(max(1, min(slots, PREFILL_TOKENS // bucket)))
+def prefill_rows(length: int, slots: int, score: bool, batch_invariant: bool = False) -> int:
+    """The most prompts one packed prefill row of `length` tokens takes (1 when scoring the prompt, when
+    batch-invariant, or above PREFILL_TOKENS); never more than the slots."""
+    if score or batch_invariant or length > PREFILL_TOKENS:
+        return 1
+    return max(1, min(slots, length // MIN_PROMPT_SPACE))
+
+
+def pack(
+    lengths: Sequence[int], rows: Callable[[int], int], most: int, n_ctx: int
+) -> list[tuple[int, list[int]]]:
+    """Groups prompts (their lengths, in order) into prefill calls of one packed row each.
+
+    rows(T): the most prompts a row of T tokens takes. most: the longest row that packs several prompts.
+    Returns (row length T, the prompts' indices) per call: T is the smallest bucket (gpt2jax.sampler.bucket)
+    that holds the prompts' total and takes that many of them. A prompt longer than `most` is alone.
+    """
+
+    def length(total: int, count: int) -> int:
+        row = bucket(total, n_ctx)
+        while rows(row) < count and row < n_ctx:
+            row *= 2
+        return row
+
+    calls: list[tuple[int, list[int]]] = []
+    current: list[int] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if current:
+            row = length(total + n, len(current) + 1)
+            if row > most or rows(row) <= len(current):
+                calls.append((length(total, len(current)), current))
+                current, total = [], 0
+        current.append(i)
+        total += n
+    if current:
+        calls.append((length(total, len(current)), current))
+    return calls

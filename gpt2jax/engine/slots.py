@@ -30,11 +30,12 @@ class SlotRow(NamedTuple):
 
 
 class Prefilled(NamedTuple):
-    """One prompt's prefill (a batched prefill returns one per prompt)."""
+    """One prompt's prefill (a packed prefill returns one per prompt, sharing the row's cache)."""
 
-    cache: KVCache  # per layer (k, v) [1, n_head, P, head_dim]
+    cache: KVCache  # per layer (k, v) [1, n_head, P, head_dim]: the row's; this prompt's from `offset`
     logits: jax.Array  # [V] f32 at the last prompt token
-    scores: PromptScores | None  # [1, P] prompt logprobs when asked for
+    scores: PromptScores | None  # [1, P] prompt logprobs when asked for (the prompt alone in its row)
+    offset: int = 0  # where the prompt starts in the row
 
 
 def make_row(

@@ -33,7 +33,7 @@ log = logging.getLogger("gpt2jax.engine.wire")
 
 HEARTBEAT_SECONDS = 5.0
 STARTUP_BARRIER = "gpt2jax-serving-warm"  # every process reaches it once its models are compiled
-_HEADER = 8  # int32s: op, engine, a, b, nbytes, then unused
+_HEADER = 8  # int32s: op, engine, a, b, nbytes, c, then unused
 NOOP, STOP, INIT, PREFILL, INSERT, DECODE = range(6)
 _MIN_PAYLOAD = 256
 
@@ -79,10 +79,12 @@ class Channel:
                 self._met = True
                 log.info("every process is warm")
 
-    def send(self, op: int, engine: int = 0, a: int = 0, b: int = 0, payload: bytes = b"") -> None:
+    def send(
+        self, op: int, engine: int = 0, a: int = 0, b: int = 0, payload: bytes = b"", c: int = 0
+    ) -> None:
         """(Leader) broadcasts one call; hold `lock` across this and the call itself."""
         header = np.zeros(_HEADER, np.int32)
-        header[:5] = op, engine, a, b, len(payload)
+        header[:6] = op, engine, a, b, len(payload), c
         with self.lock:
             self._meet_once()
             self.broadcast(header)
@@ -92,15 +94,15 @@ class Channel:
                 self.broadcast(buf)
             self.last_sent = time.monotonic()
 
-    def receive(self) -> tuple[int, int, int, int, bytes]:
-        """(Follower) the next call: op, engine, a, b, payload."""
+    def receive(self) -> tuple[int, int, int, int, int, bytes]:
+        """(Follower) the next call: op, engine, a, b, c, payload."""
         self._meet_once()
         header = np.asarray(self.broadcast(np.zeros(_HEADER, np.int32)))
-        op, engine, a, b, nbytes = (int(x) for x in header[:5])
+        op, engine, a, b, nbytes, c = (int(x) for x in header[:6])
         payload = b""
         if nbytes:
             payload = np.asarray(self.broadcast(np.zeros(_padded(nbytes), np.uint8)))[:nbytes].tobytes()
-        return op, engine, a, b, payload
+        return op, engine, a, b, c, payload
 
     def start_heartbeat(self, every: float = HEARTBEAT_SECONDS) -> None:
         """(Leader) a no-op whenever nothing was sent for `every` seconds."""

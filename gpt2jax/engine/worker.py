@@ -27,8 +27,8 @@ from gpt2jax.engine.choice import ChoiceStream
 from gpt2jax.engine.job import Job
 from gpt2jax.engine.metrics import EngineMetrics
 from gpt2jax.engine.programs import DevicePrograms
+from gpt2jax.engine.shapes import pack
 from gpt2jax.engine.slots import Prefilled, make_row
-from gpt2jax.sampler import bucket
 from gpt2jax.sampling import NUM_TOP_LOGPROBS, SampleOutput
 from gpt2jax.sampling_params import derive_seed
 
@@ -58,12 +58,14 @@ class _Seat(NamedTuple):
 
 
 class _Dispatched(NamedTuple):
-    """Device outputs not yet read: [T, W] tokens for the W seats in `seats`."""
+    """Device outputs not yet read: [T, W] tokens for the W seats in `seats`, of which the first `steps`
+    rows were run."""
 
     out: SampleOutput
     seats: list[_Seat | None]
     dispatched: float
     is_chunk: bool  # a decode chunk (else a slot's first token from insert)
+    steps: int = 1
 
 
 class SlotWorker:
@@ -163,10 +165,12 @@ class SlotWorker:
                 self._reap()
                 self._admit(pending)
                 dispatched = self._dispatch_decode(pending)
-                # With every slot busy, keep the newest chunk running while reading the rest (the device
-                # never waits on the host). With a slot free, read it too: a request that arrives
-                # meanwhile is then prefilled after this chunk, not after the one queued behind it.
-                keep = dispatched and not self.free
+                # With every slot busy, or requests waiting for the free ones, keep the newest chunk
+                # running while reading the rest (the device never waits on the host). Otherwise read it
+                # too: a request that arrives meanwhile is then prefilled after this chunk, not after the
+                # one queued behind it.
+                with self.cv:
+                    keep = dispatched and (not self.free or bool(self.waiting))
                 while len(pending) > keep:
                     self._process(pending.popleft())
                     self._inflight = len(pending)
@@ -179,7 +183,7 @@ class SlotWorker:
         for seat in self.seats:
             if seat is not None and seat.job.cancelled:
                 seat.choice.cancel()
-                self._release(seat.slot)
+                self._release(seat)
         e, now = self.engine, time.monotonic()
         with self.cv:
             keep = deque()
@@ -200,7 +204,8 @@ class SlotWorker:
     def _admit(self, pending: deque[_Dispatched]) -> None:
         """Starts waiting jobs, oldest first, while their choices fit in the free slots.
 
-        The prompts admitted together are prefilled in batches, one per length bucket.
+        The prompts admitted together are prefilled packed into rows (gpt2jax/engine/shapes.py `pack`);
+        a prompt whose logprobs are asked for (echo) is prefilled alone.
         """
         admitted, free = [], len(self.free)
         with self.cv:
@@ -209,20 +214,18 @@ class SlotWorker:
                 if not job.cancelled:
                     admitted.append(job)
                     free -= job.slots_needed
-        groups: dict[tuple[int, bool], list[Job]] = {}
-        n_ctx = self.engine.config.n_ctx
-        for job in admitted:
-            key = bucket(len(job.request.prompt), n_ctx), job.request.params.prompt_logprobs
-            groups.setdefault(key, []).append(job)
-        for (size, score), jobs in groups.items():
-            rows = self.programs.prefill_rows(size, score)
-            for i in range(0, len(jobs), rows):
-                self._start_jobs(jobs[i : i + rows], size, score, pending)
+        programs, n_ctx = self.programs, self.engine.config.n_ctx
+        for score in (False, True):
+            jobs = [job for job in admitted if bool(job.request.params.prompt_logprobs) == score]
+            rows = lambda length, score=score: programs.prefill_rows(length, score)
+            lengths = [len(job.request.prompt) for job in jobs]
+            for length, which in pack(lengths, rows, programs.prefill_tokens, n_ctx):
+                self._start_jobs([jobs[i] for i in which], length, score, pending)
 
-    def _start_jobs(self, jobs: list[Job], size: int, score: bool, pending: deque[_Dispatched]) -> None:
-        """Prefills the jobs' prompts (one length bucket) in one call, then seats each job."""
+    def _start_jobs(self, jobs: list[Job], length: int, score: bool, pending: deque[_Dispatched]) -> None:
+        """Prefills the jobs' prompts (one row of `length` tokens) in one call, then seats each job."""
         try:
-            prefilled = self.programs.prefill([job.request.prompt for job in jobs], size, score)
+            prefilled = self.programs.prefill([job.request.prompt for job in jobs], length, score)
         except Exception as exc:  # the prefill touches no slot: only these jobs fail
             log.exception("prefill failed")
             for job in jobs:
@@ -267,18 +270,34 @@ class SlotWorker:
             self._inflight = len(pending)
 
     def _dispatch_decode(self, pending: deque[_Dispatched]) -> bool:
+        """Dispatches one decode chunk for the busy slots.
+
+        While requests wait for a slot, the chunk ends where the first row reaches its max_tokens, and
+        the slots whose rows end there by length are freed at once: the next turn prefills into them
+        before this chunk's outputs are read (the device runs the insert after the chunk), so a slot
+        does not sit out the rest of a chunk, nor the next one.
+        """
         if self.busy == 0:
             return False
         active = np.array([s is not None for s in self.seats])
-        step = self.engine.chunk_size
-        self._reach = np.where(active, np.minimum(self._reach + step, self._limit), self._reach)
+        remaining = self._limit - self._reach - 1  # decode steps a row runs at most (its first is insert's)
+        live = active & (remaining > 0)
+        steps = self.engine.chunk_size
+        with self.cv:
+            waiting = bool(self.waiting)
+        if waiting and live.any():
+            steps = int(min(steps, remaining[live].min()))
+        self._reach = np.where(active, np.minimum(self._reach + steps, self._limit), self._reach)
         window = self.programs.window_for(int(self._reach[active].max()))
         rows = self.programs.rows_for(np.flatnonzero(active).tolist())
-        self._state, out = self.programs.decode(self._state, active, window, rows)
+        self._state, out = self.programs.decode(self._state, active, window, rows, steps)
         _copy_to_host_async(out)
         seats = [self.seats[slot] for slot in self.programs.decoded_slots(rows)]
-        pending.append(_Dispatched(out, seats, time.perf_counter(), True))
+        pending.append(_Dispatched(out, seats, time.perf_counter(), True, steps))
         self._inflight = len(pending)
+        if waiting:
+            for slot in np.flatnonzero(active & (self._reach >= self._limit - 1)):
+                self._release(self.seats[slot])  # done by length at the chunk's end: its outputs still come
         return True
 
     def _process(self, item: _Dispatched) -> None:
@@ -294,7 +313,7 @@ class SlotWorker:
         top_tokens, top_logprobs = out.top_tokens.reshape(-1, W, K), out.top_logprobs.reshape(-1, W, K)
         # Token by token, each choice's events are handed out as they form: a stream gets one event per
         # token (as OpenAI's and vLLM's do), not one per chunk.
-        for t in range(tokens.shape[0]):
+        for t in range(min(tokens.shape[0], item.steps)):
             for w, seat in enumerate(item.seats):
                 if seat is None or seat.choice.finished or seat.job.done:
                     continue
@@ -310,7 +329,7 @@ class SlotWorker:
                     self._fail(job, exc)
                     continue
                 if choice.finished:
-                    self._release(seat.slot)
+                    self._release(seat)
                 self._flush(job)
 
     def _flush(self, job: Job) -> None:
@@ -321,10 +340,11 @@ class SlotWorker:
         if job.flush():
             metrics.requests_finished += 1
 
-    def _release(self, slot: int) -> None:
-        if self.seats[slot] is not None:
-            self.seats[slot] = None
-            heapq.heappush(self.free, self._place[slot])
+    def _release(self, seat: _Seat) -> None:
+        """Frees the seat's slot, unless it was freed already (and may hold another choice by now)."""
+        if self.seats[seat.slot] is seat:
+            self.seats[seat.slot] = None
+            heapq.heappush(self.free, self._place[seat.slot])
             self.busy -= 1
 
     def _fail(self, job: Job, exc: BaseException) -> None:
@@ -337,7 +357,7 @@ class SlotWorker:
             self.engine.metrics.requests_failed += 1
         for seat in self.seats:
             if seat is not None and seat.job is job:
-                self._release(seat.slot)
+                self._release(seat)
 
     def _recover(self, exc: Exception, pending: deque[_Dispatched]) -> None:
         """A device call failed: the donated state may be gone. Fail every running job, start afresh."""
