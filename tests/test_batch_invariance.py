@@ -117,9 +117,9 @@ def together_and_alone(checkpoint: str) -> dict:
     busy: list[int] = []
     decode = engine.programs.decode
 
-    def counting_decode(state, active, window=None, rows=None):
+    def counting_decode(state, active, window=None, rows=None, steps=None):
         busy.append(int(active.sum()))
-        return decode(state, active, window, rows)
+        return decode(state, active, window, rows, steps)
 
     engine.programs.decode = counting_decode
 

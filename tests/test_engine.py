@@ -148,9 +148,9 @@ def mixed(lm, engine, compiles):
     before = len(compiles)
     real, windows = engine.programs.decode, set()
 
-    def spy(state, active, window, rows=None):
+    def spy(state, active, window, rows=None, steps=None):
         windows.add(window)
-        return real(state, active, window, rows)
+        return real(state, active, window, rows, steps)
 
     engine.programs.decode = spy
     try:

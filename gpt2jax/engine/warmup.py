@@ -1,8 +1,8 @@
 """What an engine compiles before it is ready, and what it compiles afterwards on a background thread.
 
-Warm-up compiles every program a request may need (SlotPrograms.program_names): prefill per prompt-length
-bucket x prompts per call x scored or not (echo logprobs), insert per bucket, decode per cache window x
-leading rows. For the shipped pydoc-tiny that is 31 programs, and compiling them was most of a cold
+Warm-up compiles every program a request may need (SlotPrograms.program_names): prefill per row length
+(prompts packed back to back) x scored or not (echo logprobs), insert per row length, decode per cache
+window x leading rows. For the shipped pydoc-tiny that is 31 programs, and compiling them was most of a cold
 start (README, "Start-up time"). Starting the engine needs one (its first state), and a lone request with
 a short prompt four more: a one-prompt prefill, its insert, first-token sampling, and decode over the
 smallest window for the fewest rows. So a server compiles those (`split`'s first part; prompts up to
