@@ -292,7 +292,8 @@ class ServerThread:
         """Polls (no fixed sleeps) until predicate() is true."""
         deadline = time.monotonic() + timeout
         while not predicate():
-            if time.monotonic() > deadline or not self._thread.is_alive():
+            # A server that ended between the check and here may have made the predicate true (its exit code).
+            if time.monotonic() > deadline or (not self._thread.is_alive() and not predicate()):
                 raise TimeoutError(f"server at {self.url}: gave up waiting for {what or predicate}")
             time.sleep(0.05)
 

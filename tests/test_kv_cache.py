@@ -116,6 +116,7 @@ def test_a_bf16_cache_is_not_copied_whole_in_fp32_by_a_decode_step():
     active = programs.put(np.ones(slots, bool), programs.by_slot)
     program = programs._decode[config.n_ctx, slots]
     tables = programs.automata.tables()  # structured outputs' tables: empty here
-    compiled = program.lower(programs.params, programs.init_state(), active, tables).compile()
+    steps = programs.put(np.int32(programs.chunk_size), programs.replicated)
+    compiled = program.lower(programs.params, programs.init_state(), active, tables, steps).compile()
     fp32_cache = 2 * config.n_layer * slots * config.n_ctx * config.n_embd * 4
     assert compiled.memory_analysis().temp_size_in_bytes < fp32_cache

@@ -209,9 +209,10 @@ def test_pack_fills_rows_in_order_within_their_length_and_prompt_limits():
 
     rows = lambda T: prefill_rows(T, slots=16, score=False)
     assert pack([100, 100, 100, 100, 100, 30], rows, 512, 1024) == [(512, [0, 1, 2, 3, 4]), (32, [5])]
-    assert pack([600, 5, 5], rows, 512, 1024) == [(1024, [0]), (32, [1, 2])]  # a row of 16 takes one
+    assert pack([600, 5, 5], rows, 512, 1024) == [(1024, [0]), (16, [1, 2])]
+    assert pack([5] * 5, rows, 512, 1024) == [(32, [0, 1, 2, 3, 4])]  # a row of 16 takes 4 prompts
     assert pack([5, 5], lambda T: 1, 512, 1024) == [(16, [0]), (16, [1])]  # scoring: one per row
-    assert pack([3] * 20, rows, 512, 1024) == [(256, list(range(16))), (64, [16, 17, 18, 19])]
+    assert pack([3] * 20, rows, 512, 1024) == [(64, list(range(16))), (16, [16, 17, 18, 19])]  # 16 slots
     assert pack([], rows, 512, 1024) == []
 
 

@@ -27,9 +27,10 @@ from gpt2jax.sampler import bucket
 # peak (benchmarks/README.md, "Engine defaults"); longer rows fill the matmuls by themselves, and a longer
 # one would hold up the running streams for longer.
 PREFILL_TOKENS = 512
-# The most prompts a packed row of T tokens takes is T // MIN_PROMPT_SPACE (at least 1): each prompt's
-# logits are computed at its last token, and this bounds that projection to a small share of the row's work.
-MIN_PROMPT_SPACE = 16
+# The most prompts a packed row of T tokens takes is T // MIN_PROMPT_SPACE (at least 1): a row projects
+# that many last tokens onto the vocabulary whatever it holds (at most ~11% of a row's work at 124M), and a
+# wave of several very short prompts still fits the shortest rows.
+MIN_PROMPT_SPACE = 4
 
 
 def counts_up_to(most: int) -> tuple[int, ...]:
