@@ -207,13 +207,14 @@ def test_while_requests_wait_a_chunk_ends_where_a_row_reaches_max_tokens_and_its
 def test_pack_fills_rows_in_order_within_their_length_and_prompt_limits():
     from gpt2jax.engine.shapes import pack, prefill_rows
 
-    rows = lambda T: prefill_rows(T, slots=16, score=False)
-    assert pack([100, 100, 100, 100, 100, 30], rows, 512, 1024) == [(512, [0, 1, 2, 3, 4]), (32, [5])]
-    assert pack([600, 5, 5], rows, 512, 1024) == [(1024, [0]), (16, [1, 2])]
-    assert pack([5] * 5, rows, 512, 1024) == [(32, [0, 1, 2, 3, 4])]  # a row of 16 takes 4 prompts
-    assert pack([5, 5], lambda T: 1, 512, 1024) == [(16, [0]), (16, [1])]  # scoring: one per row
-    assert pack([3] * 20, rows, 512, 1024) == [(64, list(range(16))), (16, [16, 17, 18, 19])]  # 16 slots
-    assert pack([], rows, 512, 1024) == []
+    rows = lambda T: prefill_rows(T, slots=16, score=False)  # rows of up to 256 tokens take several
+    assert pack([100, 100, 100, 100, 30], rows, 256, 1024) == [(256, [0, 1]), (256, [2, 3, 4])]
+    assert pack([60, 60, 60, 60, 9], rows, 256, 1024) == [(256, [0, 1, 2, 3]), (16, [4])]
+    assert pack([300, 5, 5], rows, 256, 1024) == [(512, [0]), (16, [1, 2])]  # a long prompt alone
+    assert pack([5] * 5, rows, 256, 1024) == [(32, [0, 1, 2, 3, 4])]  # a row of 16 takes 4 prompts
+    assert pack([5, 5], lambda T: 1, 256, 1024) == [(16, [0]), (16, [1])]  # scoring: one per row
+    assert pack([3] * 20, rows, 256, 1024) == [(64, list(range(16))), (16, [16, 17, 18, 19])]  # 16 slots
+    assert pack([], rows, 256, 1024) == []
 
 
 def test_a_request_that_needs_more_slots_than_are_free_is_not_overtaken(tok):

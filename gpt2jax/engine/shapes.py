@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from gpt2jax.sampler import bucket
 
 # A prefill packs several prompts back to back into one row of at most this many tokens (a prompt longer
-# than that is prefilled alone). A prefill of one short prompt is a skinny matmul far below the machine's
-# peak (benchmarks/README.md, "Engine defaults"); longer rows fill the matmuls by themselves, and a longer
-# one would hold up the running streams for longer.
-PREFILL_TOKENS = 512
+# than that is prefilled alone). Rows of 128-512 tokens keep the matmuls near the kernel's peak; a longer
+# row pays more for attention (every token against the whole row, masked) and for each insert's copy of
+# the row, and holds up the running streams for longer (benchmarks/README.md, "Engine defaults").
+PREFILL_TOKENS = 256
 # The most prompts a packed row of T tokens takes is T // MIN_PROMPT_SPACE (at least 1): a row projects
 # that many last tokens onto the vocabulary whatever it holds (at most ~11% of a row's work at 124M), and a
 # wave of several very short prompts still fits the shortest rows.
