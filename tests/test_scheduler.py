@@ -209,7 +209,7 @@ def test_pack_fills_rows_in_order_within_their_length_and_prompt_limits():
 
     rows = lambda T: prefill_rows(T, slots=16, score=False)  # rows of up to 256 tokens take several
     assert pack([100, 100, 100, 100, 30], rows, 256, 1024) == [(256, [0, 1]), (256, [2, 3, 4])]
-    assert pack([60, 60, 60, 60, 9], rows, 256, 1024) == [(256, [0, 1, 2, 3]), (16, [4])]
+    assert pack([60, 60, 60, 60, 20], rows, 256, 1024) == [(256, [0, 1, 2, 3]), (32, [4])]
     assert pack([300, 5, 5], rows, 256, 1024) == [(512, [0]), (16, [1, 2])]  # a long prompt alone
     assert pack([5] * 5, rows, 256, 1024) == [(32, [0, 1, 2, 3, 4])]  # a row of 16 takes 4 prompts
     assert pack([5, 5], lambda T: 1, 256, 1024) == [(16, [0]), (16, [1])]  # scoring: one per row
