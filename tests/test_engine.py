@@ -349,8 +349,8 @@ def test_a_late_request_waits_for_one_chunk_not_two(lm, engine, monkeypatch):
 
 
 def test_prompts_admitted_together_prefill_packed_in_one_row(lm, engine, monkeypatch):
-    """Three prompts admitted in one wave are prefilled back to back in one row (of 16 tokens: they fit,
-    and a row of 16 takes 16 // 4 prompts), one call; their results are the ones they get alone."""
+    """Three prompts admitted in one wave are prefilled back to back in one row (of 32 tokens: the
+    shortest that holds their 20 tokens), one call; their results are the ones they get alone."""
 
     def greedy(prompt: str) -> GenerationRequest:
         return GenerationRequest.of(prompt=tuple(lm.tokenizer.encode(prompt)), max_tokens=5, temperature=0.0)
@@ -374,9 +374,9 @@ def test_prompts_admitted_together_prefill_packed_in_one_row(lm, engine, monkeyp
         await running.aclose()
         return [t[0].text for t in texts]
 
-    assert sum(len(lm.tokenizer.encode(p)) for p in PROMPTS[:3]) <= 16
+    assert sum(len(lm.tokenizer.encode(p)) for p in PROMPTS[:3]) == 20
     assert asyncio.run(go()) == alone
-    assert rows == [16], rows
+    assert rows == [32], rows
 
 
 def test_full_queue_refuses_at_once_and_long_waits_are_refused(lm, engine, monkeypatch):

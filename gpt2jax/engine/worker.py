@@ -93,6 +93,7 @@ class SlotWorker:
         self._reach = np.zeros(slots, np.int64)
         self._limit = np.zeros(slots, np.int64)
         self._inflight = 0  # dispatched device outputs not yet read
+        self._backlog = False  # requests were left waiting by the last admission
         self._state = None
         self._thread: threading.Thread | None = None
         self._last_ready = 0.0
@@ -165,12 +166,11 @@ class SlotWorker:
                 self._reap()
                 self._admit(pending)
                 dispatched = self._dispatch_decode(pending)
-                # With every slot busy, or requests waiting for the free ones, keep the newest chunk
-                # running while reading the rest (the device never waits on the host). Otherwise read it
-                # too: a request that arrives meanwhile is then prefilled after this chunk, not after the
-                # one queued behind it.
-                with self.cv:
-                    keep = dispatched and (not self.free or bool(self.waiting))
+                # With every slot busy, or requests left waiting by this turn's admission, keep the newest
+                # chunk running while reading the rest (the device never waits on the host). Otherwise
+                # read it too: a request that arrives meanwhile is then prefilled after this chunk, not
+                # after the one queued behind it.
+                keep = dispatched and (not self.free or self._backlog)
                 while len(pending) > keep:
                     self._process(pending.popleft())
                     self._inflight = len(pending)
@@ -214,6 +214,7 @@ class SlotWorker:
                 if not job.cancelled:
                     admitted.append(job)
                     free -= job.slots_needed
+            self._backlog = bool(self.waiting)  # this turn's decode serves them (see _dispatch_decode)
         programs, n_ctx = self.programs, self.engine.config.n_ctx
         for score in (False, True):
             jobs = [job for job in admitted if bool(job.request.params.prompt_logprobs) == score]
@@ -282,9 +283,7 @@ class SlotWorker:
         active = np.array([s is not None for s in self.seats])
         remaining = self._limit - self._reach - 1  # decode steps a row runs at most (its first is insert's)
         live = active & (remaining > 0)
-        steps = self.engine.chunk_size
-        with self.cv:
-            waiting = bool(self.waiting)
+        steps, waiting = self.engine.chunk_size, self._backlog
         if waiting and live.any():
             steps = int(min(steps, remaining[live].min()))
         self._reach = np.where(active, np.minimum(self._reach + steps, self._limit), self._reach)
