@@ -283,7 +283,9 @@ class SlotWorker:
         active = np.array([s is not None for s in self.seats])
         remaining = self._limit - self._reach - 1  # decode steps a row runs at most (its first is insert's)
         live = active & (remaining > 0)
-        steps, waiting = self.engine.chunk_size, self._backlog
+        steps = self.engine.chunk_size
+        with self.cv:  # left by this turn's admission, or come since (e.g. the rest of a burst)
+            waiting = self._backlog or bool(self.waiting)
         if waiting and live.any():
             steps = int(min(steps, remaining[live].min()))
         self._reach = np.where(active, np.minimum(self._reach + steps, self._limit), self._reach)
