@@ -13,7 +13,9 @@ gpt2jax, ...) with every timed run started only once the machine is idle enough 
 - HTTP: our server (`python -m serving`, WARMUP=all, a fresh compile cache) against `llama-server -np 16`
   on the same weights: 16 concurrent streamed completions of 64 tokens (32-token prompts, greedy, end-of-
   text banned): aggregate tok/s and first-token p50; resident memory after the load; seconds to ready
-  (`/health` 200), ours cold and again with the compile cache it filled.
+  (`/health` 200), ours cold and again with the compile cache it filled. Each timed run sends prompts
+  neither server has seen (the same ones to both): llama-server keeps each slot's last prompt and would
+  otherwise evaluate one token of a repeated prompt instead of 32 (its `cache_prompt`).
 
 gpt2jax's decode rate excludes the prompt, as llama-bench's does: N new tokens' time minus one new token's
 (prefill and first token), over N - 1 tokens. llama.cpp runs with 2 threads (--threads), q8_0 with weight
@@ -243,7 +245,7 @@ def http_rows(args, tools: LlamaCpp, folder: Path, race: Race) -> list[Row]:
     if precision == "int8" and not load_gpt2jax_accepts_int8():
         for r in rows:
             r.ours = UNAVAILABLE
-    requests = make_requests(n, PROMPT_LEN, tokens, 50257)
+    runs_done = {"ours": 0, "theirs": 0}  # run k of either side sends the k-th set (seed 0: the warm-up)
     eos = gpt2_124m().eos_token_id
     logs = cache_root() / "logs"  # kept after the run: a server that fails says why there
     logs.mkdir(parents=True, exist_ok=True)
@@ -272,6 +274,8 @@ def http_rows(args, tools: LlamaCpp, folder: Path, race: Race) -> list[Row]:
 
         def load(side: str) -> Callable[[], float]:
             def run() -> float:
+                runs_done[side] += 1
+                requests = make_requests(n, PROMPT_LEN, tokens, 50257, seed=runs_done[side])
                 result = asyncio.run(http_load(procs[side][1], folder.name, requests, n, eos))
                 assert result.tokens == n * tokens, (side, result.tokens)
                 getattr(ttft, side).append(result.ttft_ms(50))
@@ -283,7 +287,8 @@ def http_rows(args, tools: LlamaCpp, folder: Path, race: Race) -> list[Row]:
         try:
             for side in sides:
                 start(side)
-                asyncio.run(http_load(procs[side][1], folder.name, requests[:1], 1, eos))  # warm-up
+                warm_up = make_requests(1, PROMPT_LEN, tokens, 50257, seed=0)
+                asyncio.run(http_load(procs[side][1], folder.name, warm_up, 1, eos))
             plan = [(tps, load("ours") if "ours" in sides else None, load("theirs"))]
             race.pairs(plan)
             for side in sides:

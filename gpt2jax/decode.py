@@ -20,6 +20,12 @@ from gpt2jax import sampling, structured
 from gpt2jax.config import GPT2Config
 from gpt2jax.model import KVCache, forward, forward_last
 
+# XLA options for programs that run the decode loop. On the CPU XLA gathers bf16 embedding rows through
+# an f32 copy of the table; fused, only the gathered rows are widened, but inside a while loop the widening
+# of the whole (loop-invariant) table is hoisted out first: a bf16 124M model then widened its 77 MB
+# embedding into a 154 MB temporary on every decode call. Nothing else in the loop is worth hoisting.
+DECODE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
 
 class DecodeState(NamedTuple):
     """Everything the decode loop carries from one step to the next, each with a leading row dim B."""

@@ -63,7 +63,11 @@ class Sampler:
         self.compilations = 0
         self.decode_steps = 0
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "score_prompt"))
-        self._decode = jax.jit(self._decode_impl, donate_argnames=("state",))
+        self._decode = jax.jit(
+            self._decode_impl,
+            donate_argnames=("state",),
+            compiler_options=decode.DECODE_COMPILER_OPTIONS,
+        )
 
     # ---- jitted bodies (Python runs these only while tracing) ----
 

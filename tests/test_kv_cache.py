@@ -97,26 +97,40 @@ def test_the_engine_option_overrides_the_model(tiny_model):
     assert BatchEngine.from_model(tiny_model, slots=2, chunk_size=2).kv_dtype == tiny_model.kv_dtype
 
 
-def test_a_bf16_cache_is_not_copied_whole_in_fp32_by_a_decode_step():
-    """XLA's memory analysis of the engine's decode program: with a bf16 cache its temporaries stay below
-    the size of the cache in fp32. (Written through a bf16 scatter and up-cast all at once, they held a
-    full fp32 copy and more: 42 MB here, 1.2 GB at 124M x 16 x 1,024, and the step ran 3x slower.)"""
-    import jax
-    import numpy as np
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_no_program_widens_a_bf16_cache_or_table_whole(weights):
+    """XLA's memory analysis of the engine's insert and decode programs with a bf16 cache: their
+    temporaries stay below one layer's cache in fp32 and below the embedding table in fp32, and no value
+    of the cache's shape is fp32.
 
+    XLA:CPU has no bf16 dynamic-update-slice or gather: it widens the whole operand to fp32 around them.
+    Seen: the decode step's cache writes held a full fp32 copy of the cache (the step 3x slower); each
+    insert widened the whole cache and back (1.2 GB of temporaries and ~0.5 s per insert at 124M x 16 x
+    1,024, the engine 2.5x slower with a bf16 cache than an fp32 one); and with packed bf16 weights the
+    decode loop widened the whole embedding table on every call (hoisted out of the loop: 154 MB at 124M,
+    a bf16 engine 1.7x slower at one row)."""
+    import jax
+
+    from gpt2jax import cpu_kernels, packed
     from gpt2jax.config import GPT2Config
     from gpt2jax.engine.device import SlotPrograms
     from gpt2jax.model import init_params
 
-    config = GPT2Config(n_vocab=512, n_ctx=512, n_embd=256, n_head=4, n_layer=4)
+    config = GPT2Config(n_vocab=4096, n_ctx=512, n_embd=256, n_head=4, n_layer=4)
     slots = 8
-    programs = SlotPrograms(
-        config, init_params(config, jax.random.key(0)), jnp.float32, slots, 4, kv_dtype=jnp.bfloat16
-    )
-    active = programs.put(np.ones(slots, bool), programs.by_slot)
-    program = programs._decode[config.n_ctx, slots]
-    tables = programs.automata.tables()  # structured outputs' tables: empty here
-    steps = programs.put(np.int32(programs.chunk_size), programs.replicated)
-    compiled = program.lower(programs.params, programs.init_state(), active, tables, steps).compile()
-    fp32_cache = 2 * config.n_layer * slots * config.n_ctx * config.n_embd * 4
-    assert compiled.memory_analysis().temp_size_in_bytes < fp32_cache
+    params = init_params(config, jax.random.key(0))
+    if weights == "bfloat16":
+        if not cpu_kernels.enabled():
+            pytest.skip("packed weights need the CPU kernels (a C++ compiler)")
+        params = packed.pack_params(params, "bfloat16")
+    programs = SlotPrograms(config, params, jnp.dtype(weights), slots, 4, kv_dtype=jnp.bfloat16)
+    names = [("insert", 16), ("decode", config.n_ctx, slots), ("decode", config.n_ctx, 1)]
+    layer_fp32 = slots * config.n_ctx * config.n_embd * 4
+    table_fp32 = config.n_vocab * config.n_embd * 4
+    # (a bf16 write widened in place leaves no temporary, but an fp32 value of the cache's shape)
+    cache_fp32 = f"f32[{slots},{config.n_head},{config.n_ctx},{config.n_embd // config.n_head}]"
+    for name, lowered in zip(names, programs.lowered(names), strict=True):
+        compiled = lowered.compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        assert temp < min(layer_fp32, table_fp32), (name, temp)
+        assert cache_fp32 not in compiled.as_text(), name

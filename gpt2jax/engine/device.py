@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
 from typing import Any
@@ -137,6 +137,9 @@ class SlotPrograms(DevicePrograms):
                     in_shardings=(params_s, state_s, rows, rep, rep),
                     out_shardings=(state_s, steps),
                     donate_argnums=1,
+                    compiler_options=decode.DECODE_COMPILER_OPTIONS
+                    if os.environ.get("NOLICM", "1") == "1"
+                    else None,
                 )
 
     # ---- jitted bodies ----
@@ -215,12 +218,15 @@ class SlotPrograms(DevicePrograms):
             padded = jnp.pad(a, ((0, 0), (0, 0), (0, T), (0, 0)))
             return jax.lax.dynamic_slice_in_dim(padded, offset, T, axis=2)
 
-        cache = tuple(
-            (put_row(k, shifted(pk), at, mine), put_row(v, shifted(pv), at, mine))
-            for (k, v), (pk, pv) in zip(state.cache, kv, strict=True)
-        )
-        rest = jax.tree.map(lambda d, s: put_row(d, s, at, mine), state._replace(cache=()), row)
-        return rest._replace(cache=cache)
+        def put(state: DecodeState) -> DecodeState:
+            cache = tuple(
+                (put_row(k, shifted(pk), at), put_row(v, shifted(pv), at))
+                for (k, v), (pk, pv) in zip(state.cache, kv, strict=True)
+            )
+            rest = jax.tree.map(lambda d, s: put_row(d, s, at), state._replace(cache=()), row)
+            return rest._replace(cache=cache)
+
+        return jax.lax.cond(mine, put, lambda state: state, state)
 
     def _decode_local(
         self,
@@ -371,11 +377,28 @@ class SlotPrograms(DevicePrograms):
     ) -> None:
         """Compiles prefill and insert for each bucket, first-token sampling and decode; runs nothing.
 
-        only: of those programs (`program_names`), just these, in this order. The abstract arguments
-        carry the real shardings: the compiled programs are cached under them. The programs are traced
-        one after another, then compiled on `threads` threads (default one per core; XLA compiles outside
-        the GIL). With one thread, each is compiled once traced, and a set `stop` ends before the next.
+        only: of those programs (`program_names`), just these, in this order. The programs are traced
+        one after another (`lowered`), then compiled on `threads` threads (default one per core; XLA
+        compiles outside the GIL). With one thread, each is compiled once traced, and a set `stop` ends
+        before the next.
         """
+        names = self.program_names(buckets, score) if only is None else only
+        threads = threads or os.cpu_count() or 1
+        if threads == 1:
+            for program in self.lowered(names):
+                if stop is not None and stop.is_set():
+                    return
+                program.compile()
+            return
+        lowered = list(self.lowered(names))
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda program: program.compile(), lowered))
+
+    def lowered(self, names: Sequence[tuple]) -> Iterator[jax.stages.Lowered]:
+        """The named programs (`program_names`) traced and lowered, one at a time as iterated; runs nothing.
+
+        The abstract arguments carry the real shardings, so that compiling one caches the program a call
+        uses. `.compile().memory_analysis()` of one gives its temporary bytes (tests check those)."""
         rep = self.replicated
         like = lambda tree, shardings: jax.tree.map(  # shardings: a prefix of tree
             lambda s, sub: jax.tree.map(
@@ -393,7 +416,7 @@ class SlotPrograms(DevicePrograms):
         tables = like(self.automata.host.empty(), rep)
         row_state = cache(lambda: like(jax.eval_shape(self._first, logits, row, tables)[0], rep))
 
-        def lower(name: tuple) -> Any:
+        def lower(name: tuple) -> jax.stages.Lowered:
             kind, *key = name
             if kind == "init":
                 return self._init.lower()
@@ -414,14 +437,4 @@ class SlotPrograms(DevicePrograms):
             active = like(np.zeros(self.slots, bool), self.by_slot)
             return self._decode[tuple(key)].lower(params, state, active, tables, like(np.int32(0), rep))
 
-        names = self.program_names(buckets, score) if only is None else only
-        threads = threads or os.cpu_count() or 1
-        if threads == 1:
-            for name in names:
-                if stop is not None and stop.is_set():
-                    return
-                lower(name).compile()
-            return
-        lowered = [lower(name) for name in names]
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda program: program.compile(), lowered))
+        return (lower(name) for name in names)

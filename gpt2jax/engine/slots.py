@@ -7,13 +7,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax import sampling
 from gpt2jax.constraint import Automaton
 from gpt2jax.decode import DecodeState, PromptScores
-from gpt2jax.model import KVCache
+from gpt2jax.model import KVCache, through_bits
 from gpt2jax.sampling_params import SamplingParams
 
 
@@ -66,13 +65,13 @@ def leading(state: DecodeState, rows: int, window: int | None) -> DecodeState:
 def write_back(whole: DecodeState, part: DecodeState) -> DecodeState:
     """`whole` with `leading`'s part written over its first rows and positions (in place when `whole` is
     donated); an array that was not cut is taken whole."""
-    put = lambda w, p: p if w.shape == p.shape else jax.lax.dynamic_update_slice(w, p, (0,) * w.ndim)
-    return jax.tree.map(put, whole, part)
+    at_zero = lambda w, p: jax.lax.dynamic_update_slice(w, p, (0,) * w.ndim)
+    return jax.tree.map(lambda w, p: p if w.shape == p.shape else through_bits(at_zero, w, p), whole, part)
 
 
-def put_row(dst: jax.Array, src: jax.Array, at: jax.Array, mine: jax.Array) -> jax.Array:
-    """Writes src [1, ...] at row `at` of dst [S, ...] (from index 0 of the other axes) if `mine`, cast to
-    dst's dtype (a prefill's KV into a slot of the cache; traced inside insert)."""
+def put_row(dst: jax.Array, src: jax.Array, at: jax.Array) -> jax.Array:
+    """Writes src [1, ...] at row `at` of dst [S, ...] (from index 0 of the other axes), cast to dst's dtype
+    (a prefill's KV into a slot of the cache; traced inside insert). In place when dst is donated: a
+    select between src and dst's old row would make XLA copy the whole of dst."""
     start = (at,) + (0,) * (dst.ndim - 1)
-    old = jax.lax.dynamic_slice(dst, start, src.shape)
-    return jax.lax.dynamic_update_slice(dst, jnp.where(mine, src.astype(dst.dtype), old), start)
+    return through_bits(lambda d, s: jax.lax.dynamic_update_slice(d, s, start), dst, src)
