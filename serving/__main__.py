@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from gpt2jax.cluster import Cluster, ClusterError, initialize
+from gpt2jax.engine.warmup import limit_heap_arenas
 from serving import multihost
 from serving.app import create_app
 from serving.loading import (
@@ -101,6 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    limit_heap_arenas()  # before JAX starts its threads
     env = dict(os.environ) | parse_args(argv)
     try:
         settings = Settings.from_env(env)

@@ -19,7 +19,7 @@ from serving.registry import READY
 from serving.settings import Settings, SettingsError
 
 
-def test_split_puts_a_lone_short_request_first_and_scoring_last():
+def test_split_puts_a_lone_short_request_first_and_leaves_scoring_to_first_use():
     names = [("init",), ("first",)]
     for b in (16, 32, 64, 128):
         names += [("prefill", b, False, R) for R in (1, 4)] + [("prefill", b, True, 1), ("insert", b)]
@@ -28,16 +28,17 @@ def test_split_puts_a_lone_short_request_first_and_scoring_last():
     assert now == [("init",), ("first",)] + [
         n for b in (16, 32, 64) for n in (("prefill", b, False, 1), ("insert", b))
     ] + [("decode", 64, 1)]
-    assert sorted(now + later) == sorted(names) and not set(now) & set(later)
+    scoring = [n for n in names if n[0] == "prefill" and n[2]]
+    assert sorted(now + later + scoring) == sorted(names) and not set(now) & set(later)
+    assert not set(scoring) & set(now + later)  # compiled on first use
     assert later[:2] == [("decode", 64, 4), ("decode", 64, 16)]  # several requests at once come next
     assert later[2:5] == [("prefill", 16, False, 4), ("prefill", 32, False, 4), ("prefill", 64, False, 4)]
-    assert all(n[2] for n in later[-4:]) and not any(n[0] == "prefill" and n[2] for n in later[:-4])
     # Batch-invariant shapes (one prefill shape per bucket, one decode): the same rule picks them.
     now, later = split([("init",), ("first",), ("prefill", 16, False, 8), ("insert", 16), ("decode", 128, 8)])
     assert len(now) == 5 and later == []
 
 
-def test_a_server_is_ready_before_the_rest_compiles_and_then_needs_no_compiling(tiny_checkpoint, compiles):
+def test_a_server_is_ready_before_the_rest_compiles_and_then_compiles_only_scoring(tiny_checkpoint, compiles):
     settings = Settings(slots=2, chunk_size=2)  # WARMUP=background, the default
     assert settings.warmup == "background"
     registry = registry_for([Path(tiny_checkpoint)], settings)
@@ -61,13 +62,14 @@ def test_a_server_is_ready_before_the_rest_compiles_and_then_needs_no_compiling(
         before = len(compiles)
         lm = gpt2jax.load(tiny_checkpoint)
         prompt = tuple(lm.tokenizer.encode("x " * 100))[:70]  # a prompt of the longest bucket
-        requests = [
-            GenerationRequest.of(prompt=prompt, max_tokens=50, temperature=0.0, ignore_eos=True, n=2),
-            GenerationRequest.of(prompt=prompt[:5], max_tokens=3, prompt_logprobs=True, logprobs=1),
-        ]
-        for r in requests:
-            asyncio.run(collect(engine, r))
-        assert len(compiles) == before  # everything was compiled in the background
+        r = GenerationRequest.of(prompt=prompt, max_tokens=50, temperature=0.0, ignore_eos=True, n=2)
+        asyncio.run(collect(engine, r))
+        assert len(compiles) == before  # everything else was compiled in the background
+        scored = GenerationRequest.of(prompt=prompt[:5], max_tokens=3, prompt_logprobs=True, logprobs=1)
+        asyncio.run(collect(engine, scored))
+        assert len(compiles) == before + 1  # its prefill, on first use
+        asyncio.run(collect(engine, scored))
+        assert len(compiles) == before + 1
     finally:
         engine.stop(drain=False, timeout=HANG)
 

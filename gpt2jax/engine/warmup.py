@@ -2,13 +2,13 @@
 
 Warm-up compiles every program a request may need (SlotPrograms.program_names): prefill per row length
 (prompts packed back to back) x scored or not (echo logprobs), insert per row length, decode per cache
-window x leading rows. For the shipped pydoc-tiny that is 31 programs, and compiling them was most of a cold
-start (README, "Start-up time"). Starting the engine needs one (its first state), and a lone request with
-a short prompt four more: a one-prompt prefill, its insert, first-token sampling, and decode over the
-smallest window for the fewest rows. So a server compiles those (`split`'s first part; prompts up to
-SHORT_PROMPT tokens), reports ready, and compiles the others on one thread while it serves, the likeliest
-first. A request that needs one not compiled yet compiles it when it comes (JAX's jit), which holds up
-the requests beside it, once.
+window x leading rows; compiling them was most of a cold start (README, "Start-up time"). Starting the
+engine needs one (its first state), and a lone request with a short prompt four more: a one-prompt
+prefill, its insert, first-token sampling, and decode over the smallest window for the fewest rows. So a
+server compiles those (`split`'s first part; prompts up to SHORT_PROMPT tokens), reports ready, and
+compiles the others on one thread while it serves, the likeliest first, all but the scoring prefills.
+A request that needs one not compiled yet compiles it when it comes (JAX's jit), which holds up the
+requests beside it, once.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ SHORT_PROMPT = 64
 
 
 def split(names: Sequence[tuple]) -> tuple[list[tuple], list[tuple]]:
-    """The programs to compile before the engine is ready, and the others, the likeliest needed first.
+    """The programs to compile before the engine is ready, and those to compile after, the likeliest
+    needed first; the scoring prefills (echo with logprobs) are in neither: they compile on first use.
 
     names: SlotPrograms.program_names, ("init",), ("first",), ("prefill", bucket, score, prompts),
     ("insert", bucket), ("decode", window, rows)."""
@@ -58,11 +59,14 @@ def split(names: Sequence[tuple]) -> tuple[list[tuple], list[tuple]]:
         kind = n[0]
         if kind == "decode":  # several requests at once, then longer texts
             return (0 if n[1] == window else 2, n[1], n[2])
-        if kind == "prefill":  # several short prompts at once, then longer prompts; scoring last
-            return (3 if n[2] else 1 if n[1] <= SHORT_PROMPT else 2, n[1], n[3])
+        if kind == "prefill":  # several short prompts at once, then longer prompts
+            return (1 if n[1] <= SHORT_PROMPT else 2, n[1], n[3])
         return (2, n[1], 0)  # the insert of a longer prompt
 
-    return [n for n in names if first(n)], sorted((n for n in names if not first(n)), key=likelihood)
+    # Scoring a prompt (echo with logprobs) is rare: its prefill programs compile on first use, and a
+    # server does not hold ~10 MB for each of them until then.
+    later = (n for n in names if not first(n) and not (n[0] == "prefill" and n[2]))
+    return [n for n in names if first(n)], sorted(later, key=likelihood)
 
 
 class BackgroundCompile:
@@ -153,6 +157,14 @@ def cache_note(since: Counter) -> str:
         return "no compile cache"
     now = cache_counts()
     return f"compile cache: {now['loaded'] - since['loaded']} loaded, {now['compiled'] - since['compiled']} compiled"
+
+
+def limit_heap_arenas(arenas: int = 2) -> None:
+    """Caps glibc's malloc arenas (M_ARENA_MAX; default 8 per core), as MALLOC_ARENA_MAX does; a no-op
+    elsewhere. Call it before threads start: XLA's compile and intra-op threads each took an arena, and
+    freed memory spread over them stayed resident."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX, malloc.h
 
 
 def release_memory() -> None:
