@@ -54,28 +54,32 @@ def pack(w: np.ndarray, mode: str) -> PackedWeight:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     w = np.asarray(w, np.float32)
-    K, N = w.shape
-    T = -(-N // LANES)
-    w = np.pad(w, ((0, 0), (0, T * LANES - N)))
     if mode == "int8":
         amax = np.abs(w).max(axis=0)
         scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        data = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-    else:
-        scale = np.ones(T * LANES, np.float32)
-        data = w.astype(mode)
-    tiles = np.ascontiguousarray(data.reshape(K, T, LANES).transpose(1, 0, 2))
-    return PackedWeight(jnp.asarray(tiles), jnp.asarray(scale), N)
+        return from_quantized(np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale)
+    tiles = _tiles(w.astype(mode))
+    return PackedWeight(jnp.asarray(tiles), jnp.ones(tiles.shape[0] * LANES, jnp.float32), w.shape[1])
 
 
 def from_quantized(q: np.ndarray, scale: np.ndarray) -> PackedWeight:
     """A PackedWeight from an int8 [K, N] matrix and its [N] scales as saved (no re-quantising)."""
-    K, N = q.shape
-    T = -(-N // LANES)
-    q = np.pad(np.asarray(q, np.int8), ((0, 0), (0, T * LANES - N)))
-    scale = np.pad(np.asarray(scale, np.float32), (0, T * LANES - N), constant_values=1.0)
-    tiles = np.ascontiguousarray(q.reshape(K, T, LANES).transpose(1, 0, 2))
+    tiles = _tiles(np.asarray(q, np.int8))
+    N = q.shape[1]
+    scale = np.pad(np.asarray(scale, np.float32), (0, tiles.shape[0] * LANES - N), constant_values=1.0)
     return PackedWeight(jnp.asarray(tiles), jnp.asarray(scale), N)
+
+
+def _tiles(data: np.ndarray) -> np.ndarray:
+    """data [K, N] as [T, K, LANES] tiles of LANES columns, T = ceil(N / LANES), zeros past column N:
+    written in place (padding first, then transposing, copied the matrix twice: seconds for 124M)."""
+    K, N = data.shape
+    full = N // LANES
+    tiles = np.zeros((-(-N // LANES), K, LANES), data.dtype)
+    tiles[:full] = data[:, : full * LANES].reshape(K, full, LANES).transpose(1, 0, 2)
+    if full < tiles.shape[0]:
+        tiles[full, :, : N - full * LANES] = data[:, full * LANES :]
+    return tiles
 
 
 def to_quantized(w: PackedWeight) -> tuple[np.ndarray, np.ndarray]:

@@ -41,11 +41,14 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 _BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
+_TO_LATIN1 = str.maketrans({c: chr(b) for c, b in _BYTE_OF_CHAR.items()})
 
 
 def _unicode_to_bytes(token: str) -> bytes:
-    # A char outside GPT-2's table can only come from a foreign vocab; keep its UTF-8 rather than fail.
-    return b"".join(bytes([_BYTE_OF_CHAR[c]]) if c in _BYTE_OF_CHAR else c.encode("utf-8") for c in token)
+    try:  # every char in GPT-2's table: one byte each (str.translate: ~10x a char-by-char join)
+        return token.translate(_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:  # a char outside it can only come from a foreign vocab: keep its UTF-8
+        return b"".join(bytes([_BYTE_OF_CHAR[c]]) if c in _BYTE_OF_CHAR else c.encode("utf-8") for c in token)
 
 
 class GPT2Tokenizer:
