@@ -21,7 +21,6 @@ from waits import HANG
 from gpt2jax.engine.api import EngineOverloaded, GenerationRequest
 from gpt2jax.engine.engine import BatchEngine, EngineFault
 from gpt2jax.engine.programs import DevicePrograms
-from gpt2jax.engine.worker import BURST_CHUNK
 
 
 @dataclasses.dataclass
@@ -191,10 +190,9 @@ def test_while_requests_wait_a_chunk_ends_where_a_row_reaches_max_tokens_and_its
     for outcome, prompt, n in zip(outcomes[1:], (B, C, D), (3, 4, 4), strict=True):
         assert_full(outcome, prompt, n)
     decodes = [c[1:] for c in fake.calls if c[0] == "decode"]
-    # A was admitted with a slot left free: a short chunk (BURST_CHUNK). B (3 tokens, the first from
-    # insert) needs 2 steps, C 3: with requests waiting, each chunk ends there, and the next request is
-    # prefilled into the freed slot before the next chunk.
-    assert decodes[:4] == [((0,), BURST_CHUNK), ((0, 1), 2), ((0, 1), 3), ((0, 1), 8)]
+    # B (3 tokens, the first from insert) needs 2 steps, C 3: with requests waiting, each chunk ends
+    # there, and the next request is prefilled into the freed slot before the next chunk.
+    assert decodes[:4] == [((0,), 8), ((0, 1), 2), ((0, 1), 3), ((0, 1), 8)]
     order = [(c[0], c[1][0] if c[0] == "prefill" else None) for c in fake.calls if c[0] != "insert"]
     assert order[2:8] == [
         ("prefill", B),
@@ -204,26 +202,6 @@ def test_while_requests_wait_a_chunk_ends_where_a_row_reaches_max_tokens_and_its
         ("prefill", D),
         ("decode", None),
     ]
-
-
-def test_after_admitting_with_slots_free_a_short_chunk_lets_the_rest_of_a_burst_in(tok):
-    fake = FakePrograms(slots=4, chunk_size=8)
-    with engine_on(fake, tok) as engine:
-
-        async def run():
-            first, later = await behind(engine, fake, A, B, C, max_tokens=20)  # A's short chunk is held
-            fake.release()
-            return await asyncio.gather(first, *later)
-
-        outcomes = asyncio.run(run())
-    for outcome, prompt, n in zip(outcomes, (A, B, C), (20, 4, 4), strict=True):
-        assert_full(outcome, prompt, n)
-    decodes = [c[1:] for c in fake.calls if c[0] == "decode"]
-    # A alone with 3 slots free: BURST_CHUNK steps, then B and C are admitted (one slot still free:
-    # another short chunk); with no admission since, whole chunks.
-    assert decodes[:3] == [((0,), BURST_CHUNK), ((0, 1, 2), BURST_CHUNK), ((0, 1, 2), 8)]
-    order = [c[0] for c in fake.calls if c[0] != "insert"]
-    assert order[:4] == ["prefill", "decode", "prefill", "decode"]
 
 
 def test_pack_fills_rows_in_order_within_their_length_and_prompt_limits():

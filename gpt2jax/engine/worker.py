@@ -46,11 +46,6 @@ class EngineView(Protocol):
 
 log = logging.getLogger("gpt2jax.engine.engine")
 
-# Decode steps of the chunk dispatched right after admitting a request while slots are still free: the
-# rest of a burst (clients that connected together) is then admitted after this many steps, not after a
-# whole chunk.
-BURST_CHUNK = 2
-
 
 class EngineFault(RuntimeError):
     """An internal error (e.g. a failed device call) ended the request; the engine keeps serving."""
@@ -99,7 +94,6 @@ class SlotWorker:
         self._limit = np.zeros(slots, np.int64)
         self._inflight = 0  # dispatched device outputs not yet read
         self._backlog = False  # requests were left waiting by the last admission
-        self._admitted = False  # the last admission started a request
         self._state = None
         self._thread: threading.Thread | None = None
         self._last_ready = 0.0
@@ -221,7 +215,6 @@ class SlotWorker:
                     admitted.append(job)
                     free -= job.slots_needed
             self._backlog = bool(self.waiting)  # this turn's decode serves them (see _dispatch_decode)
-        self._admitted = bool(admitted)
         programs, n_ctx = self.programs, self.engine.config.n_ctx
         for score in (False, True):
             jobs = [job for job in admitted if bool(job.request.params.prompt_logprobs) == score]
@@ -283,8 +276,7 @@ class SlotWorker:
         While requests wait for a slot, the chunk ends where the first row reaches its max_tokens, and
         the slots whose rows end there by length are freed at once: the next turn prefills into them
         before this chunk's outputs are read (the device runs the insert after the chunk), so a slot
-        does not sit out the rest of a chunk, nor the next one. Right after a request was admitted with
-        slots left free, the chunk is BURST_CHUNK steps.
+        does not sit out the rest of a chunk, nor the next one.
         """
         if self.busy == 0:
             return False
@@ -296,8 +288,6 @@ class SlotWorker:
             waiting = self._backlog or bool(self.waiting)
         if waiting and live.any():
             steps = int(min(steps, remaining[live].min()))
-        elif self._admitted and self.free:
-            steps = min(steps, BURST_CHUNK)
         self._reach = np.where(active, np.minimum(self._reach + steps, self._limit), self._reach)
         window = self.programs.window_for(int(self._reach[active].max()))
         rows = self.programs.rows_for(np.flatnonzero(active).tolist())
