@@ -137,9 +137,7 @@ class SlotPrograms(DevicePrograms):
                     in_shardings=(params_s, state_s, rows, rep, rep),
                     out_shardings=(state_s, steps),
                     donate_argnums=1,
-                    compiler_options=decode.DECODE_COMPILER_OPTIONS
-                    if os.environ.get("NOLICM", "1") == "1"
-                    else None,
+                    compiler_options=decode.DECODE_COMPILER_OPTIONS,
                 )
 
     # ---- jitted bodies ----
