@@ -71,10 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         states = {}
         for name, p in programs.items():
             state = live_state(p, min(window, config.n_ctx) // 2)
-            placed = p.put(active, p.by_slot)
-            steps = p.put(np.int32(p.chunk_size), p.replicated)
-            program = p._decode[window, rows]
-            compiled = program.lower(p.params, state, placed, p.automata.tables(), steps).compile()
+            (lowered,) = p.lowered([("decode", window, rows)])
+            compiled = lowered.compile()
             temp[name] = compiled.memory_analysis().temp_size_in_bytes
             state, out = p.decode(state, active, window, rows)  # the first call: not timed
             jax.block_until_ready(out)

@@ -78,10 +78,8 @@ def engine_results(lm: gpt2jax.LanguageModel) -> tuple[list, dict]:
     finally:
         engine.stop()
     p = engine.programs
-    active = p.put(np.ones(p.slots, bool), p.by_slot)
-    program = p._decode[p.windows[-1], p.local_slots]
-    steps = p.put(np.int32(p.chunk_size), p.replicated)
-    hlo = program.lower(p.params, p.init_state(), active, p.automata.tables(), steps).compile().as_text()
+    (program,) = p.lowered([("decode", p.windows[-1], p.local_slots)])
+    hlo = program.compile().as_text()
     ops = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
     return results, {op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in ops}
 

@@ -358,13 +358,13 @@ def test_prompts_admitted_together_prefill_packed_in_one_row(lm, engine, monkeyp
     alone = [asyncio.run(collect(engine, greedy(p)))[0].text for p in PROMPTS[:3]]
     slow_decode(engine, monkeypatch, 0.05)
     rows = []
-    real = engine.programs._prefill_program
+    real = engine.programs.prefill
 
-    def record(score, length):
+    def record(prompts, length, score):
         rows.append(length)
-        return real(score, length)
+        return real(prompts, length, score)
 
-    monkeypatch.setattr(engine.programs, "_prefill_program", record)
+    monkeypatch.setattr(engine.programs, "prefill", record)
 
     async def go():
         running = engine.generate(long_request(lm))

@@ -288,6 +288,33 @@ def test_a_new_schema_compiles_nothing_after_warmup(tiny_model, compiles):
         engine.stop()
 
 
+def test_tables_that_grow_recompile_sampling_and_decode_for_their_new_shape(tiny_model, compiles, monkeypatch):
+    """An automaton that does not fit the tables grows them: first-token sampling and decode (the
+    programs that take the tables) compile again for the new shapes, and the outputs obey the
+    constraints; an unconstrained request after it gets the text it got before."""
+    import gpt2jax.engine.automata as automata
+    from gpt2jax.engine.api import GenerationRequest
+    from gpt2jax.engine.engine import BatchEngine
+    from gpt2jax.engine.offline import run_all
+
+    monkeypatch.setattr(automata, "INITIAL_STATES", 4)
+    engine = BatchEngine.from_model(tiny_model, slots=2)
+    engine.warmup(buckets=(16,), score_prompt=False)
+    prompt = tuple(tiny_model.tokenizer.encode("The"))
+    plain = GenerationRequest.of(prompt, max_tokens=6, temperature=0.0)
+    try:
+        before_text = run_all(engine, [plain])[0][0].text
+        capacity, before = engine.programs.automata.host.capacity, len(compiles)
+        regex = GenerationRequest.of(prompt, max_tokens=20, seed=1, constraint=Constraint("regex", "[a-c]{9}x"))
+        out = run_all(engine, [regex])
+        assert re.fullmatch("[a-c]{9}x", out[0][0].text), out[0][0].text
+        assert engine.programs.automata.host.capacity[0] > capacity[0]  # 11 states do not fit 4
+        assert len(compiles) - before >= 2  # first-token sampling and a decode, for the new tables
+        assert run_all(engine, [plain])[0][0].text == before_text
+    finally:
+        engine.stop()
+
+
 def test_unconstrained_request_is_bit_identical_beside_constrained_ones(tiny_model):
     """With batch invariance, a request's tokens and logprobs are the same alone and beside a constrained
     one: the mask and the automaton lookups touch only the constrained rows. (Rebuilds the model's engine:

@@ -56,9 +56,14 @@ class ResidentAutomata:
         """Host (numpy) tables of the resident automata, padded to the current capacity."""
         return stack(self.resident, self.n_vocab, self.states, self.transitions)
 
-    def empty(self) -> Tables:
-        """Tables of the current capacity holding nothing (for compiling)."""
-        return stack([], self.n_vocab, self.states, self.transitions)
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(states, transitions) the tables are padded to: with the vocabulary, their shapes."""
+        return self.states, self.transitions
+
+    def empty(self, capacity: tuple[int, int] | None = None) -> Tables:
+        """Tables of `capacity` (default the current one) holding nothing (for compiling)."""
+        return stack([], self.n_vocab, *(capacity or self.capacity))
 
     def place(self, automaton: Automaton | None, slot: int) -> Placement:
         """Makes `automaton` resident for a choice inserted into `slot` (None: unconstrained)."""

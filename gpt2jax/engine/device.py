@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
 from typing import Any
 
@@ -40,6 +39,7 @@ from gpt2jax import decode, sampling
 from gpt2jax.config import GPT2Config
 from gpt2jax.decode import DecodeState
 from gpt2jax.engine.automata import DeviceAutomata
+from gpt2jax.engine.compiled import CompiledPrograms
 from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.shapes import PREFILL_TOKENS, decode_row_counts, decode_windows, prefill_rows
 from gpt2jax.engine.slots import Prefilled, SlotRow, leading, make_row, put_row, write_back
@@ -94,51 +94,63 @@ class SlotPrograms(DevicePrograms):
         self.row_counts = decode_row_counts(self.local_slots, batch_invariant)
         self.multiprocess = len({d.process_index for d in self.mesh.devices.flat}) > 1
         # The first process reads every slot's outputs: across processes they must be gathered to it.
-        steps = rep if self.multiprocess else NamedSharding(self.mesh, P(None, AXIS))
+        self._steps = rep if self.multiprocess else NamedSharding(self.mesh, P(None, AXIS))
         # XLA's CPU runtime can deadlock in a collective when many multi-device programs are in flight
         # (seen here from ~40): with collectives on the CPU, insert waits for its result (decode is
         # paced by the worker reading the previous chunk), which keeps a handful in flight.
         self._sync = self.mesh.devices.flat[0].platform == "cpu" and (layout.model > 1 or self.multiprocess)
-        self.params_shardings = params_s = layout.param_shardings(params)
+        self.params_shardings = layout.param_shardings(params)
         # Shardings as pytree prefixes: a KV cache splits its heads over "model" (and slots over "data").
-        self.kv_sharding = kv = layout.cache_sharding(split_rows=False)
+        self.kv_sharding = layout.cache_sharding(split_rows=False)
         self.state_shardings = state_s = DecodeState(*[rows] * len(DecodeState._fields))._replace(
             cache=layout.cache_sharding(split_rows=True)
         )
-        manual = frozenset({AXIS})  # shard_map is manual over "data"; "model" is left to GSPMD
         self.automata = DeviceAutomata(config.n_vocab, slots, self.put, rep, rows, state_s)  # structured
+        self._decode_keys = [(window, n) for window in self.windows for n in self.row_counts]
+        self._programs = CompiledPrograms(self.lowered)
 
-        self._init = jax.jit(self._init_impl, out_shardings=state_s)
-        self._prefill: dict[tuple[bool, int], Any] = {}  # (score, length) -> jitted; see _prefill_program
-        self._first = jax.jit(self._first_impl, in_shardings=(rep, rep, rep), out_shardings=rep)
-        insert = jax.shard_map(
-            self._insert_local,
+    def _jit(self, name: tuple) -> Any:
+        """A jax.jit of the named program (`program_names`), made for lowering that program once."""
+        kind, *key = name
+        rep, state_s, manual = self.replicated, self.state_shardings, frozenset({AXIS})
+        if kind == "init":
+            return jax.jit(self._init_impl, out_shardings=state_s)
+        if kind == "first":
+            return jax.jit(self._first_impl, in_shardings=(rep, rep, rep), out_shardings=rep)
+        if kind == "prefill":
+            length, score = key[:2]
+            logits = (rep,) * self.prefill_rows(length, score)
+            return jax.jit(
+                partial(self._prefill_impl, score=score),
+                in_shardings=(self.params_shardings, rep, rep, rep),
+                out_shardings=(self.kv_sharding, logits, rep if score else None),
+            )
+        if kind == "insert":  # shard_map is manual over "data"; "model" is left to GSPMD
+            insert = jax.shard_map(
+                self._insert_local,
+                mesh=self.mesh,
+                in_specs=(P(AXIS), P(), P(), P(), P()),
+                out_specs=P(AXIS),
+                axis_names=manual,
+            )
+            in_shardings = (state_s, self.kv_sharding, rep, rep, rep)
+            return jax.jit(insert, in_shardings=in_shardings, out_shardings=state_s, donate_argnums=0)
+        window, rows = key[:2]
+        program = jax.shard_map(
+            partial(self._decode_local, window=window, rows=rows),
             mesh=self.mesh,
-            in_specs=(P(AXIS), P(), P(), P(), P()),
-            out_specs=P(AXIS),
+            in_specs=(P(), P(AXIS), P(AXIS), P(), P()),
+            out_specs=(P(AXIS), P(None, AXIS)),
             axis_names=manual,
+            check_vma=False,  # sampling's lax.conds mix per-device and constant values
         )
-        self._insert = jax.jit(
-            insert, in_shardings=(state_s, kv, rep, rep, rep), out_shardings=state_s, donate_argnums=0
+        return jax.jit(
+            program,
+            in_shardings=(self.params_shardings, state_s, self.by_slot, rep, rep),
+            out_shardings=(state_s, self._steps),
+            donate_argnums=1,
+            compiler_options=decode.DECODE_COMPILER_OPTIONS,
         )
-        self._decode = {}
-        for window in self.windows:
-            for n in self.row_counts:
-                program = jax.shard_map(
-                    partial(self._decode_local, window=window, rows=n),
-                    mesh=self.mesh,
-                    in_specs=(P(), P(AXIS), P(AXIS), P(), P()),
-                    out_specs=(P(AXIS), P(None, AXIS)),
-                    axis_names=manual,
-                    check_vma=False,  # sampling's lax.conds mix per-device and constant values
-                )
-                self._decode[window, n] = jax.jit(
-                    program,
-                    in_shardings=(params_s, state_s, rows, rep, rep),
-                    out_shardings=(state_s, steps),
-                    donate_argnums=1,
-                    compiler_options=decode.DECODE_COMPILER_OPTIONS,
-                )
 
     # ---- jitted bodies ----
 
@@ -257,22 +269,11 @@ class SlotPrograms(DevicePrograms):
 
     def init_state(self) -> DecodeState:
         """A fresh state: every slot empty (done)."""
-        return self._init()
+        return self._program("init")()
 
     def prefill_rows(self, length: int, score: bool = False) -> int:
         """The most prompts one prefill row of `length` tokens takes (gpt2jax/engine/shapes.py)."""
         return prefill_rows(length, self.slots, score, self.batch_invariant)
-
-    def _prefill_program(self, score: bool, length: int) -> Any:
-        key = score, length
-        if key not in self._prefill:
-            logits = (self.replicated,) * self.prefill_rows(length, score)
-            self._prefill[key] = jax.jit(
-                partial(self._prefill_impl, score=score),
-                in_shardings=(self.params_shardings, self.replicated, self.replicated, self.replicated),
-                out_shardings=(self.kv_sharding, logits, self.replicated if score else None),
-            )
-        return self._prefill[key]
 
     def prefill(self, prompts: Sequence[Sequence[int]], length: int, score: bool) -> list[Prefilled]:
         """Prefills up to `prefill_rows(length, score)` prompts of `length` tokens in all, packed back to
@@ -288,7 +289,7 @@ class SlotPrograms(DevicePrograms):
             offsets.append(at)
             last[i], at = at + n - 1, at + n
         args = self.put((tokens, positions, last), self.replicated)
-        cache, logits, scores = self._prefill_program(score, length)(self.params, *args)
+        cache, logits, scores = self._program("prefill", length, score, R)(self.params, *args)
         return [Prefilled(cache, logits[i], scores, offsets[i]) for i in range(len(prompts))]
 
     def put(self, tree: Any, sharding: NamedSharding) -> Any:
@@ -308,8 +309,8 @@ class SlotPrograms(DevicePrograms):
         state, row = self.automata.place(state, row, slot)  # structured outputs: the row's first state
         # Host inputs are placed explicitly so that their shardings match the warm-up's compiled programs.
         row, slot, offset = self.put((row, np.int32(slot), np.int32(pre.offset)), self.replicated)
-        row_state, first = self._first(pre.logits, row, self.automata.tables())
-        state = self._insert(state, pre.cache, row_state, slot, offset)
+        row_state, first = self._program("first")(pre.logits, row, self.automata.tables())
+        state = self._program("insert", pre.cache[0][0].shape[2])(state, pre.cache, row_state, slot, offset)
         if self._sync:
             jax.block_until_ready(state)
         return state, first
@@ -347,7 +348,7 @@ class SlotPrograms(DevicePrograms):
 
         window: a compiled window (see `window_for`) above every position a live row reaches in the chunk.
         """
-        program = self._decode[window or self.windows[-1], rows or self.local_slots]
+        program = self._program("decode", window or self.windows[-1], rows or self.local_slots)
         active, steps = (
             self.put(active, self.by_slot),
             self.put(np.int32(steps or self.chunk_size), self.replicated),
@@ -362,7 +363,7 @@ class SlotPrograms(DevicePrograms):
         for b in buckets:
             names += [("prefill", b, s, self.prefill_rows(b, s)) for s in score]
             names.append(("insert", b))
-        return names + [("decode", *key) for key in self._decode]
+        return names + [("decode", *key) for key in self._decode_keys]
 
     def compile(
         self,
@@ -381,22 +382,24 @@ class SlotPrograms(DevicePrograms):
         before the next.
         """
         names = self.program_names(buckets, score) if only is None else only
-        threads = threads or os.cpu_count() or 1
-        if threads == 1:
-            for program in self.lowered(names):
-                if stop is not None and stop.is_set():
-                    return
-                program.compile()
-            return
-        lowered = list(self.lowered(names))
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda program: program.compile(), lowered))
+        keys = [self._key(name) for name in names]
+        self._programs.compile(keys, threads or os.cpu_count() or 1, stop)
+
+    def _key(self, name: tuple) -> tuple:
+        """A program's name (`program_names`), for first-token sampling and decode with the structured-
+        output tables' current capacity (their shapes: those programs recompile when the tables grow)."""
+        return (*name, self.automata.host.capacity) if name[0] in ("first", "decode") else name
+
+    def _program(self, *name: Any) -> jax.stages.Compiled:
+        """The compiled program `name` (`program_names`), compiled now if it is not yet."""
+        return self._programs[self._key(name)]
 
     def lowered(self, names: Sequence[tuple]) -> Iterator[jax.stages.Lowered]:
-        """The named programs (`program_names`) traced and lowered, one at a time as iterated; runs nothing.
+        """The named programs (`program_names`, or `_key`s) traced and lowered, one at a time as iterated;
+        runs nothing. `.compile().memory_analysis()` of one gives its temporary bytes (tests check those).
 
-        The abstract arguments carry the real shardings, so that compiling one caches the program a call
-        uses. `.compile().memory_analysis()` of one gives its temporary bytes (tests check those)."""
+        Each is lowered from a jit of its own (`_jit`), dropped after, with abstract arguments that carry
+        the shardings of the values a call passes."""
         rep = self.replicated
         like = lambda tree, shardings: jax.tree.map(  # shardings: a prefix of tree
             lambda s, sub: jax.tree.map(
@@ -408,31 +411,31 @@ class SlotPrograms(DevicePrograms):
         )
         ints = lambda *shape: like(jax.ShapeDtypeStruct(shape, jnp.int32), rep)
         row = make_row(1, -1, sampling.NEUTRAL.replace(max_tokens=1), self.config.n_vocab)
-        row, params = like(row, rep), like(self.params, self.layout.param_shardings(self.params))
+        row, params = like(row, rep), like(self.params, self.params_shardings)
         state = like(jax.eval_shape(self._init_impl), self.state_shardings)
         logits = like(jax.ShapeDtypeStruct((self.config.n_vocab,), jnp.float32), rep)
-        tables = like(self.automata.host.empty(), rep)
-        row_state = cache(lambda: like(jax.eval_shape(self._first, logits, row, tables)[0], rep))
+        tables = lambda capacity: like(self.automata.host.empty(capacity), rep)
+        row_state = cache(lambda: like(jax.eval_shape(self._first_impl, logits, row, tables(None))[0], rep))
 
         def lower(name: tuple) -> jax.stages.Lowered:
             kind, *key = name
+            program = self._jit(name)
             if kind == "init":
-                return self._init.lower()
+                return program.lower()
             if kind == "first":
-                return self._first.lower(logits, row, tables)
+                return program.lower(logits, row, tables(key[0] if key else None))
             if kind == "prefill":
-                length, s, R = key
-                return self._prefill_program(s, length).lower(
-                    params, ints(1, length), ints(1, length), ints(R)
-                )
+                length, _, R = key
+                return program.lower(params, ints(1, length), ints(1, length), ints(R))
             if kind == "insert":
-                T, R = key[0], self.prefill_rows(key[0])
-                cache = jax.eval_shape(
-                    self._prefill_program(False, T), params, ints(1, T), ints(1, T), ints(R)
-                )[0]
-                kv, at = like(cache, self.kv_sharding), like(np.int32(0), rep)
-                return self._insert.lower(state, kv, row_state(), at, at)
+                T = key[0]
+                kv = jax.eval_shape(
+                    lambda: init_cache(self.config, 1, T, self.kv_dtype, self.layout.qkv_groups)
+                )
+                at = like(np.int32(0), rep)
+                return program.lower(state, like(kv, self.kv_sharding), row_state(), at, at)
             active = like(np.zeros(self.slots, bool), self.by_slot)
-            return self._decode[tuple(key)].lower(params, state, active, tables, like(np.int32(0), rep))
+            capacity = key[2] if len(key) > 2 else None
+            return program.lower(params, state, active, tables(capacity), like(np.int32(0), rep))
 
         return (lower(name) for name in names)
