@@ -288,7 +288,9 @@ def test_a_new_schema_compiles_nothing_after_warmup(tiny_model, compiles):
         engine.stop()
 
 
-def test_tables_that_grow_recompile_sampling_and_decode_for_their_new_shape(tiny_model, compiles, monkeypatch):
+def test_tables_that_grow_recompile_sampling_and_decode_for_their_new_shape(
+    tiny_model, compiles, monkeypatch
+):
     """An automaton that does not fit the tables grows them: first-token sampling and decode (the
     programs that take the tables) compile again for the new shapes, and the outputs obey the
     constraints; an unconstrained request after it gets the text it got before."""
@@ -305,7 +307,9 @@ def test_tables_that_grow_recompile_sampling_and_decode_for_their_new_shape(tiny
     try:
         before_text = run_all(engine, [plain])[0][0].text
         capacity, before = engine.programs.automata.host.capacity, len(compiles)
-        regex = GenerationRequest.of(prompt, max_tokens=20, seed=1, constraint=Constraint("regex", "[a-c]{9}x"))
+        regex = GenerationRequest.of(
+            prompt, max_tokens=20, seed=1, constraint=Constraint("regex", "[a-c]{9}x")
+        )
         out = run_all(engine, [regex])
         assert re.fullmatch("[a-c]{9}x", out[0][0].text), out[0][0].text
         assert engine.programs.automata.host.capacity[0] > capacity[0]  # 11 states do not fit 4
