@@ -42,7 +42,7 @@ from gpt2jax.engine.automata import DeviceAutomata
 from gpt2jax.engine.compiled import CompiledPrograms
 from gpt2jax.engine.programs import DevicePrograms
 from gpt2jax.engine.shapes import PREFILL_TOKENS, decode_row_counts, decode_windows, prefill_rows
-from gpt2jax.engine.slots import Prefilled, SlotRow, leading, make_row, put_row, write_back
+from gpt2jax.engine.slots import Prefilled, SlotRow, empty_state, insert_row, leading, make_row, write_back
 from gpt2jax.model import KVCache, init_cache, kernel_attention
 from gpt2jax.sharding import Layout, make_mesh
 
@@ -155,24 +155,7 @@ class SlotPrograms(DevicePrograms):
     # ---- jitted bodies ----
 
     def _init_impl(self) -> DecodeState:
-        S, V = self.slots, self.config.n_vocab
-        zeros = lambda dtype: jnp.zeros((S,), dtype)
-        neutral = sampling.tensors_from([sampling.NEUTRAL], V)
-        sp = jax.tree.map(lambda a: jnp.broadcast_to(a, (S, *a.shape[1:])), neutral)
-        cache = init_cache(self.config, S, self.config.n_ctx, self.kv_dtype, self.layout.qkv_groups)
-        return DecodeState(
-            cache=cache,
-            token=zeros(jnp.int32),
-            position=zeros(jnp.int32),
-            counts=jnp.zeros((S, V), jnp.int32),
-            step=zeros(jnp.int32),
-            max_tokens=zeros(jnp.int32),
-            eos=jnp.full((S,), -1, jnp.int32),
-            want_top=zeros(jnp.bool_),
-            done=jnp.ones((S,), jnp.bool_),
-            params=sp,
-            fsm=jnp.full((S,), -1, jnp.int32),
-        )
+        return empty_state(self.config, self.slots, self.kv_dtype, self.layout.qkv_groups)
 
     def _prefill_impl(
         self, params: Any, tokens: jax.Array, positions: jax.Array, last: jax.Array, score: bool
@@ -213,29 +196,13 @@ class SlotPrograms(DevicePrograms):
     def _insert_local(
         self, state: DecodeState, kv: KVCache, row: DecodeState, slot: jax.Array, offset: jax.Array
     ) -> DecodeState:
-        """Runs on each device with its own slots; only the device holding `slot` changes anything.
-
-        kv: a prefill row's cache [1, H, T, D] per layer; the prompt's entries start at `offset`. The T
-        entries from there go to the slot's first T positions (zeros past the row's end: a slot never
-        reads beyond its own position)."""
+        """Runs on each device with its own slots; only the device holding `slot` changes anything
+        (slots.insert_row: kv, a prefill row's cache, the prompt's entries from `offset`)."""
         local_slots = state.token.shape[0]
         local = slot - jax.lax.axis_index(AXIS) * local_slots
         mine = (local >= 0) & (local < local_slots)
         at = jnp.clip(local, 0, local_slots - 1)
-
-        def shifted(a: jax.Array) -> jax.Array:  # a[:, :, offset:offset + T], zero-padded past T
-            T = a.shape[2]
-            padded = jnp.pad(a, ((0, 0), (0, 0), (0, T), (0, 0)))
-            return jax.lax.dynamic_slice_in_dim(padded, offset, T, axis=2)
-
-        def put(state: DecodeState) -> DecodeState:
-            cache = tuple(
-                (put_row(k, shifted(pk), at), put_row(v, shifted(pv), at))
-                for (k, v), (pk, pv) in zip(state.cache, kv, strict=True)
-            )
-            rest = jax.tree.map(lambda d, s: put_row(d, s, at), state._replace(cache=()), row)
-            return rest._replace(cache=cache)
-
+        put = lambda state: insert_row(state, kv, row, at, offset)
         return jax.lax.cond(mine, put, lambda state: state, state)
 
     def _decode_local(
@@ -349,11 +316,8 @@ class SlotPrograms(DevicePrograms):
         window: a compiled window (see `window_for`) above every position a live row reaches in the chunk.
         """
         program = self._program("decode", window or self.windows[-1], rows or self.local_slots)
-        active, steps = (
-            self.put(active, self.by_slot),
-            self.put(np.int32(steps or self.chunk_size), self.replicated),
-        )
-        return program(self.params, state, active, self.automata.tables(), steps)
+        steps = self.put(np.int32(steps or self.chunk_size), self.replicated)
+        return program(self.params, state, self.put(active, self.by_slot), self.automata.tables(), steps)
 
     def program_names(self, buckets: Sequence[int], score: Sequence[bool] = (False,)) -> list[tuple]:
         """What `compile` compiles for these prefill row lengths: ("init",), ("first",) (first-token
@@ -375,12 +339,8 @@ class SlotPrograms(DevicePrograms):
         stop: threading.Event | None = None,
     ) -> None:
         """Compiles prefill and insert for each bucket, first-token sampling and decode; runs nothing.
-
-        only: of those programs (`program_names`), just these, in this order. The programs are traced
-        one after another (`lowered`), then compiled on `threads` threads (default one per core; XLA
-        compiles outside the GIL). With one thread, each is compiled once traced, and a set `stop` ends
-        before the next.
-        """
+        only: of those programs (`program_names`), just these, in this order; threads (default one per
+        core) and stop: CompiledPrograms.compile's."""
         names = self.program_names(buckets, score) if only is None else only
         keys = [self._key(name) for name in names]
         self._programs.compile(keys, threads or os.cpu_count() or 1, stop)

@@ -4,15 +4,17 @@ and how device.py's programs cut and write rows of the slot table (`leading`, `p
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax import sampling
+from gpt2jax.config import GPT2Config
 from gpt2jax.constraint import Automaton
 from gpt2jax.decode import DecodeState, PromptScores
-from gpt2jax.model import KVCache, through_bits
+from gpt2jax.model import KVCache, init_cache, through_bits
 from gpt2jax.sampling_params import SamplingParams
 
 
@@ -75,3 +77,46 @@ def put_row(dst: jax.Array, src: jax.Array, at: jax.Array) -> jax.Array:
     select between src and dst's old row would make XLA copy the whole of dst."""
     start = (at,) + (0,) * (dst.ndim - 1)
     return through_bits(lambda d, s: jax.lax.dynamic_update_slice(d, s, start), dst, src)
+
+
+def empty_state(config: GPT2Config, slots: int, kv_dtype: Any, qkv_groups: int = 1) -> DecodeState:
+    """A slot table with every slot empty (done): a zeroed KV cache [slots, heads, n_ctx, head_dim] per
+    layer in `kv_dtype`, neutral sampling settings, no automaton (traced inside the engine's init)."""
+    S, V = slots, config.n_vocab
+    zeros = lambda dtype: jnp.zeros((S,), dtype)
+    neutral = sampling.tensors_from([sampling.NEUTRAL], V)
+    return DecodeState(
+        cache=init_cache(config, S, config.n_ctx, kv_dtype, qkv_groups),
+        token=zeros(jnp.int32),
+        position=zeros(jnp.int32),
+        counts=jnp.zeros((S, V), jnp.int32),
+        step=zeros(jnp.int32),
+        max_tokens=zeros(jnp.int32),
+        eos=jnp.full((S,), -1, jnp.int32),
+        want_top=zeros(jnp.bool_),
+        done=jnp.ones((S,), jnp.bool_),
+        params=jax.tree.map(lambda a: jnp.broadcast_to(a, (S, *a.shape[1:])), neutral),
+        fsm=jnp.full((S,), -1, jnp.int32),
+    )
+
+
+def insert_row(
+    state: DecodeState, kv: KVCache, row: DecodeState, at: jax.Array, offset: jax.Array
+) -> DecodeState:
+    """`state` with slot `at` holding a prompt: its KV, from `offset` in a prefill row's cache `kv` (per
+    layer [1, H, T, D]), at the slot's first T positions, and `row`'s settings (traced inside insert).
+
+    Past the row's end the slot gets zeros: it never reads beyond its own position, but the values must
+    be finite (attention weighs them by zero)."""
+
+    def shifted(a: jax.Array) -> jax.Array:  # a[:, :, offset:offset + T], zero-padded past T
+        T = a.shape[2]
+        padded = jnp.pad(a, ((0, 0), (0, 0), (0, T), (0, 0)))
+        return jax.lax.dynamic_slice_in_dim(padded, offset, T, axis=2)
+
+    cache = tuple(
+        (put_row(k, shifted(pk), at), put_row(v, shifted(pv), at))
+        for (k, v), (pk, pv) in zip(state.cache, kv, strict=True)
+    )
+    rest = jax.tree.map(lambda d, s: put_row(d, s, at), state._replace(cache=()), row)
+    return rest._replace(cache=cache)
