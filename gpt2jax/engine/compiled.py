@@ -3,8 +3,8 @@ called directly as an XLA executable (`jax.stages.Compiled`).
 
 Not `jax.jit` wrappers kept for the engine's life: a jit wrapper keeps every trace and lowering it made
 (jaxprs, MLIR modules) for as long as it lives, beside the executable it calls; here each program is lowered
-from a jit made for that program alone, which is dropped once the program is compiled (benchmarks/README.md,
-"Start-up time": the resident memory this saves).
+from a jit made for that program alone, which is dropped once the program is compiled (README, "Memory":
+the resident memory this saves).
 """
 
 from __future__ import annotations
