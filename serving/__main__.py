@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from gpt2jax.cluster import Cluster, ClusterError, initialize
-from gpt2jax.engine.warmup import limit_heap_arenas
+from gpt2jax.engine.heap import limit_heap_arenas
 from serving import multihost
 from serving.app import create_app
 from serving.loading import (

@@ -28,6 +28,7 @@ from gpt2jax.config import GPT2Config
 from gpt2jax.constraint import Automaton, Constraint, compile_automaton
 from gpt2jax.engine.api import EngineError, Event, GenerationRequest
 from gpt2jax.engine.device import SlotPrograms
+from gpt2jax.engine.heap import release_memory
 from gpt2jax.engine.job import END, Job
 from gpt2jax.engine.metrics import EngineMetrics, publish, unpublish
 from gpt2jax.engine.programs import DevicePrograms
@@ -36,7 +37,6 @@ from gpt2jax.engine.warmup import (
     cache_counts,
     cache_note,
     enable_compilation_cache,
-    release_memory,
     split,
 )
 from gpt2jax.engine.worker import EngineFault, SlotWorker

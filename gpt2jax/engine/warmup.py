@@ -13,8 +13,6 @@ requests beside it, once.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import threading
@@ -23,6 +21,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
+
+from gpt2jax.engine.heap import release_memory
 
 log = logging.getLogger("gpt2jax.engine.engine")
 
@@ -157,18 +157,3 @@ def cache_note(since: Counter) -> str:
         return "no compile cache"
     now = cache_counts()
     return f"compile cache: {now['loaded'] - since['loaded']} loaded, {now['compiled'] - since['compiled']} compiled"
-
-
-def limit_heap_arenas(arenas: int = 2) -> None:
-    """Caps glibc's malloc arenas (M_ARENA_MAX; default 8 per core), as MALLOC_ARENA_MAX does; a no-op
-    elsewhere. Call it before threads start: XLA's compile and intra-op threads each took an arena, and
-    freed memory spread over them stayed resident."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX, malloc.h
-
-
-def release_memory() -> None:
-    """Hands the heap memory that compiling freed back to the system (glibc's malloc_trim; a no-op
-    elsewhere). Compiling a 124M model's programs leaves ~100 MB of freed heap resident otherwise."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(None).malloc_trim(0)

@@ -24,6 +24,7 @@ import numpy as np
 from gpt2jax.config import GPT2Config
 from gpt2jax.engine.api import EngineOverloaded
 from gpt2jax.engine.choice import ChoiceStream
+from gpt2jax.engine.heap import release_memory
 from gpt2jax.engine.job import Job
 from gpt2jax.engine.metrics import EngineMetrics
 from gpt2jax.engine.programs import DevicePrograms
@@ -157,6 +158,8 @@ class SlotWorker:
     def _run(self) -> None:
         pending: deque[_Dispatched] = deque()
         while True:
+            if self._idle():  # here only at the start and once work ran out (then it waits below)
+                release_memory()  # what the requests' temporaries left in the heap
             with self.cv:
                 self.cv.notify_all()  # wake wait_idle()
                 self.cv.wait_for(lambda: not self._idle() or self.stopping)
