@@ -5,10 +5,13 @@ bench_engine_http.py) is saved to a temporary folder and served by `python -m se
 n_ctx 1,024). For each KV_CACHE_DTYPE: a cold start (an empty JAX_CACHE_DIR), then a warm one (the cache
 the cold one filled). Each start is timed from launching the process to `/health` 200; then one short
 completion is sent, the background warm-up is awaited (its log line), and the process's resident memory
-(VmRSS) and its peak (VmHWM) are read from /proc. Optionally the shipped checkpoints/pydoc-tiny too.
+(VmRSS) and its peak (VmHWM) are read from /proc; `--bursts N` then sends N bursts of 16 concurrent
+streamed completions (as bench_engine_http.py's) and reads VmRSS after each. Optionally the shipped
+checkpoints/pydoc-tiny too.
 
     python benchmarks/bench_startup.py                      # float32 and bfloat16 KV, cold + warm
     python benchmarks/bench_startup.py --kv bfloat16 --shipped --env DTYPE=bfloat16
+    python benchmarks/bench_startup.py --kv bfloat16 --env DTYPE=bfloat16 --bursts 2   # memory under load
 """
 
 from __future__ import annotations
@@ -37,10 +40,17 @@ def status_kib(pid: int, field: str) -> int:
 
 
 def one_start(
-    folder: Path, cache_dir: Path, env: dict[str, str], log: Path, settle: float, max_wait: float
+    folder: Path,
+    cache_dir: Path,
+    env: dict[str, str],
+    log: Path,
+    settle: float,
+    max_wait: float,
+    bursts: int = 0,
 ) -> dict:
     """Starts a server, times /health 200, sends one request, waits for the background warm-up, reads
-    its memory; returns the figures."""
+    its memory, then sends `bursts` bursts of 16 concurrent streamed completions (32-token prompts, 64
+    tokens each) and reads it after each; returns the figures."""
     server_env = {"MODELS": str(folder), "JAX_CACHE_DIR": str(cache_dir), "LOG_LEVEL": "INFO", **env}
     log.write_bytes(b"")
     srv = ServerProcess(server_env, log_path=log)
@@ -68,10 +78,30 @@ def one_start(
             "rss_mib": status_kib(srv.pid, "VmRSS") / 1024,
             "peak_mib": status_kib(srv.pid, "VmHWM") / 1024,
         }
+        figures["rss_bursts_mib"] = rss_after_bursts(srv, folder, bursts, settle)
         cache_lines = [line for line in srv.log_text().splitlines() if "compile cache:" in line]
         figures["cache"] = [line.split("compile cache: ")[1].rstrip(")") for line in cache_lines]
         srv.terminate()
     return figures
+
+
+def rss_after_bursts(srv: ServerProcess, folder: Path, bursts: int, settle: float) -> list[float]:
+    """VmRSS (MiB) after each of `bursts` bursts of 16 concurrent 64-token completions, `settle` s after."""
+    import asyncio
+    import json
+
+    from benchmarks.bench_engine import make_requests
+    from benchmarks.bench_engine_http import http_load
+
+    config = json.loads((folder / "config.json").read_text())
+    n_vocab, eos = config.get("vocab_size", config.get("n_vocab")), config.get("eos_token_id", -1)
+    rss = []
+    for i in range(bursts):
+        requests = make_requests(16, 32, 64, n_vocab, seed=i + 1)
+        asyncio.run(http_load(srv.url, folder.name, requests, 16, eos))
+        time.sleep(settle)
+        rss.append(status_kib(srv.pid, "VmRSS") / 1024)
+    return rss
 
 
 def save_random_124m(folder: Path) -> None:
@@ -91,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-124m", action="store_true", help="only the shipped model")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before reading memory")
     parser.add_argument(
+        "--bursts", type=int, default=0, help="then bursts of 16 concurrent completions, RSS after each"
+    )
+    parser.add_argument(
         "--max-wait", type=float, default=1800, help="seconds to wait for the background compile"
     )
     args = parser.parse_args(argv)
@@ -109,20 +142,22 @@ def main(argv: list[str] | None = None) -> None:
                 cache_dir = tmp / f"jax-cache-{folder.name}-{kv}"
                 for label in ("cold", "warm"):
                     env = {**extra, "KV_CACHE_DTYPE": kv}
-                    f = one_start(folder, cache_dir, env, tmp / "server.log", args.settle, args.max_wait)
+                    log = tmp / "server.log"
+                    f = one_start(folder, cache_dir, env, log, args.settle, args.max_wait, args.bursts)
                     rows.append((folder.name, kv, label, f))
                     print(folder.name, kv, label, f, flush=True)
     print(f"\nServer start-up and memory; {machine()}; load average {os.getloadavg()}; env {extra}\n")
     print(
         "| model | KV cache | start | /health 200 | first request | all compiled | RSS ready | RSS after "
-        "| peak | compile cache (ready; background) |"
+        "| peak | RSS after bursts | compile cache (ready; background) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, kv, label, f in rows:
         print(
             f"| {name} | {kv} | {label} | {f['ready_s']:.1f} s | {f['first_request_s']:.1f} s "
             f"| {f['all_compiled_s']:.0f} s | {f['rss_ready_mib']:.0f} MiB | {f['rss_mib']:.0f} MiB "
-            f"| {f['peak_mib']:.0f} MiB | {'; '.join(f['cache'])} |"
+            f"| {f['peak_mib']:.0f} MiB | {' / '.join(f'{r:.0f}' for r in f['rss_bursts_mib']) or '-'} "
+            f"| {'; '.join(f['cache'])} |"
         )
 
 
