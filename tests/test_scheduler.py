@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import random
 from collections.abc import Callable
 
 import pytest
@@ -215,6 +216,27 @@ def test_pack_fills_rows_in_order_within_their_length_and_prompt_limits():
     assert pack([5, 5], lambda T: 1, 256, 1024) == [(16, [0]), (16, [1])]  # scoring: one per row
     assert pack([3] * 20, rows, 256, 1024) == [(64, list(range(16))), (16, [16, 17, 18, 19])]  # 16 slots
     assert pack([], rows, 256, 1024) == []
+    # a model whose context is no longer than a packed row: 16 prompts of 32 fill two rows of 256
+    assert pack([32] * 16, rows, 256, 256) == [(256, list(range(8))), (256, list(range(8, 16)))]
+    assert pack([3] * 9, rows, 256, 48) == [(48, list(range(9)))]  # the buckets end at n_ctx (48)
+
+
+@pytest.mark.parametrize("n_ctx", [48, 64, 128, 256, 300, 1000, 1024])
+def test_every_packed_row_holds_its_prompts(n_ctx):
+    """Whatever the prompts and the context: each row's prompts fit its tokens (T <= n_ctx, a bucket)
+    and its prompt count, and the rows take every prompt once, in order."""
+    from gpt2jax.engine.shapes import pack, prefill_rows
+    from gpt2jax.sampler import bucket
+
+    rows = lambda T: prefill_rows(T, slots=16, score=False)
+    rng = random.Random(n_ctx)
+    for _ in range(300):
+        lengths = [rng.randint(1, min(n_ctx, rng.choice([8, 40, 300]))) for _ in range(rng.randint(0, 20))]
+        calls = pack(lengths, rows, 256, n_ctx)
+        assert [i for _, which in calls for i in which] == list(range(len(lengths)))
+        for T, which in calls:
+            assert sum(lengths[i] for i in which) <= T <= n_ctx and bucket(T, n_ctx) == T, (lengths, calls)
+            assert len(which) <= rows(T), (lengths, calls)
 
 
 def test_a_request_that_needs_more_slots_than_are_free_is_not_overtaken(tok):

@@ -81,7 +81,7 @@ def pack(
     def length(total: int, count: int) -> int:
         row = bucket(total, n_ctx)
         while rows(row) < count and row < n_ctx:
-            row *= 2
+            row = min(row * 2, n_ctx)  # the buckets end at n_ctx, a power of two or not
         return row
 
     calls: list[tuple[int, list[int]]] = []
@@ -90,7 +90,8 @@ def pack(
     for i, n in enumerate(lengths):
         if current:
             row = length(total + n, len(current) + 1)
-            if row > most or rows(row) <= len(current):
+            # bucket() caps at n_ctx: a total past it does not fit any row (a model whose n_ctx <= most)
+            if row > most or rows(row) <= len(current) or total + n > row:
                 calls.append((length(total, len(current)), current))
                 current, total = [], 0
         current.append(i)
