@@ -206,19 +206,22 @@ def test_while_requests_wait_a_chunk_ends_where_a_row_reaches_max_tokens_and_its
 
 
 def test_pack_fills_rows_in_order_within_their_length_and_prompt_limits():
-    from gpt2jax.engine.shapes import pack, prefill_rows
+    from gpt2jax.engine.shapes import PREFILL_TOKENS, pack, prefill_rows
 
-    rows = lambda T: prefill_rows(T, slots=16, score=False)  # rows of up to 256 tokens take several
-    assert pack([100, 100, 100, 100, 30], rows, 256, 1024) == [(256, [0, 1]), (256, [2, 3, 4])]
-    assert pack([60, 60, 60, 60, 20], rows, 256, 1024) == [(256, [0, 1, 2, 3]), (32, [4])]
-    assert pack([300, 5, 5], rows, 256, 1024) == [(512, [0]), (16, [1, 2])]  # a long prompt alone
-    assert pack([5] * 5, rows, 256, 1024) == [(32, [0, 1, 2, 3, 4])]  # a row of 16 takes 4 prompts
-    assert pack([5, 5], lambda T: 1, 256, 1024) == [(16, [0]), (16, [1])]  # scoring: one per row
-    assert pack([3] * 20, rows, 256, 1024) == [(64, list(range(16))), (16, [16, 17, 18, 19])]  # 16 slots
-    assert pack([], rows, 256, 1024) == []
+    assert PREFILL_TOKENS == 128  # the cases below are written for rows of up to 128 tokens
+    rows = lambda T: prefill_rows(T, slots=16, score=False)  # rows of up to 128 tokens take several
+    assert pack([50, 50, 50, 50, 20], rows, 128, 1024) == [(128, [0, 1]), (128, [2, 3, 4])]
+    assert pack([30, 30, 30, 30, 10], rows, 128, 1024) == [(128, [0, 1, 2, 3]), (16, [4])]
+    assert pack([300, 5, 5], rows, 128, 1024) == [(512, [0]), (16, [1, 2])]  # a long prompt alone
+    assert pack([5] * 5, rows, 128, 1024) == [(32, [0, 1, 2, 3, 4])]  # a row of 16 takes 4 prompts
+    assert pack([5, 5], lambda T: 1, 128, 1024) == [(16, [0]), (16, [1])]  # scoring: one per row
+    assert pack([3] * 20, rows, 128, 1024) == [(64, list(range(16))), (16, [16, 17, 18, 19])]  # 16 slots
+    assert pack([], rows, 128, 1024) == []
+    assert pack([32] * 16, rows, 128, 1024) == [(128, list(range(i, i + 4))) for i in range(0, 16, 4)]
     # a model whose context is no longer than a packed row: 16 prompts of 32 fill two rows of 256
-    assert pack([32] * 16, rows, 256, 256) == [(256, list(range(8))), (256, list(range(8, 16)))]
-    assert pack([3] * 9, rows, 256, 48) == [(48, list(range(9)))]  # the buckets end at n_ctx (48)
+    several = lambda T: max(1, min(16, T // 4))
+    assert pack([32] * 16, several, 256, 256) == [(256, list(range(8))), (256, list(range(8, 16)))]
+    assert pack([3] * 9, rows, 128, 48) == [(48, list(range(9)))]  # the buckets end at n_ctx (48)
 
 
 @pytest.mark.parametrize("n_ctx", [48, 64, 128, 256, 300, 1000, 1024])

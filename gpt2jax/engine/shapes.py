@@ -25,8 +25,9 @@ from gpt2jax.sampler import bucket
 # A prefill packs several prompts back to back into one row of at most this many tokens (a prompt longer
 # than that is prefilled alone). Rows of 128-512 tokens keep the matmuls near the kernel's peak; a longer
 # row pays more for attention (every token against the whole row, masked) and for each insert's copy of
-# the row, and holds up the running streams for longer (benchmarks/README.md, "Engine defaults").
-PREFILL_TOKENS = 256
+# the row, holds up the running streams for longer, and returns its prompts' first tokens later: a burst
+# is prefilled row after row (benchmarks/README.md, "Engine defaults": 128 against 256).
+PREFILL_TOKENS = 128
 # The most prompts a packed row of T tokens takes is T // MIN_PROMPT_SPACE (at least 1): a row projects
 # that many last tokens onto the vocabulary whatever it holds (at most ~11% of a row's work at 124M), and a
 # wave of several very short prompts still fits the shortest rows.
