@@ -176,7 +176,7 @@ def test_batch_invariant_programs_have_one_shape_each():
 
     assert decode_windows(128, 1024) == (128, 256, 512, 1024) and decode_windows(128, 1024, True) == (1024,)
     assert decode_row_counts(16) == (1, 4, 8, 16) and decode_row_counts(16, True) == (16,)
-    assert [prefill_rows(n, 16, False) for n in (16, 32, 64, 256, 512, 1024)] == [4, 8, 16, 16, 1, 1]
+    assert [prefill_rows(n, 16, False) for n in (16, 32, 64, 128, 256, 1024)] == [4, 8, 16, 16, 1, 1]
     assert prefill_rows(256, 16, False, True) == prefill_rows(256, 16, True) == 1
 
 
