@@ -350,11 +350,11 @@ def test_a_late_request_waits_for_one_chunk_not_two(lm, engine, monkeypatch):
 
 def test_the_worker_hands_the_freed_heap_back_once_each_time_it_goes_idle(lm, engine, monkeypatch):
     """Requests' temporaries leave freed heap behind (~60 MB for a burst on a 124M model): the worker
-    trims it when it runs out of work, once (a lone request: one idle period), not on every turn, and not
-    while idle."""
+    trims it when it runs out of work, never while a slot is busy, and not again while it stays idle."""
     import gpt2jax.engine.worker as worker
 
     trims = []
+    assert engine.wait_idle(HANG)
     monkeypatch.setattr(worker, "release_memory", lambda: trims.append(engine.busy_slots))
     request = GenerationRequest.of(prompt=tuple(lm.tokenizer.encode("Hello")), max_tokens=12, temperature=0.0)
 
@@ -364,13 +364,16 @@ def test_the_worker_hands_the_freed_heap_back_once_each_time_it_goes_idle(lm, en
             time.sleep(0.01)
         return trims
 
-    asyncio.run(collect(engine, request))
-    assert engine.wait_idle(HANG)
-    assert trimmed(1) == [0], trims  # once, with every slot free
-    time.sleep(0.2)
-    assert trims == [0], trims  # nothing more while idle
-    asyncio.run(collect(engine, request))
-    assert trimmed(2) == [0, 0], trims
+    for _ in range(2):
+        before = len(trims)
+        asyncio.run(collect(engine, request))
+        assert engine.wait_idle(HANG)
+        assert len(trimmed(before + 1)) > before, trims
+        count = len(trims)
+        time.sleep(0.2)
+        # one more at most: wait_idle may return before the worker's own trim, and a trim due from the
+        # test before may come first; a worker trimming while idle would add many
+        assert len(trims) <= count + 1 and set(trims) == {0}, trims  # and only with every slot free
 
 
 def test_prompts_admitted_together_prefill_packed_in_one_row(lm, engine, monkeypatch):
